@@ -1,0 +1,207 @@
+"""Settings of the appliance: one module, read from the environment.
+
+Every setting has a default that makes `make run` work with nothing configured
+(SQLite, tasks run by the embedded worker, scanners off). Production points
+DATABASE_URL at PostgreSQL, CELERY_BROKER_URL at Redis, and SPAMD_URL /
+CLAMD_URL at the scanners. docs/configuration.md lists every variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envbool(name: str, default: str = "False") -> bool:
+    return os.getenv(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def envint(name: str, default: str = "0") -> int:
+    return int(os.getenv(name, default))
+
+
+def envfloat(name: str, default: str = "0") -> float:
+    return float(os.getenv(name, default))
+
+
+def envlist(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.getenv(name, default).split(",") if item.strip()]
+
+
+def database_from_url(url: str) -> dict:
+    """Turn postgres://user:pass@host:port/name or sqlite:///path into DATABASES['default']."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = unquote(parsed.path)
+        # sqlite:///relative/file and sqlite:////absolute/file, as dj-database-url reads them
+        name = path[1:] if path.startswith("/") else path
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": name or str(BASE_DIR / "data" / "gateway.sqlite3")}
+    if parsed.scheme in ("postgres", "postgresql", "pgsql"):
+        options = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": unquote(parsed.path.lstrip("/")) or "postgres",
+            "USER": unquote(parsed.username or ""),
+            "PASSWORD": unquote(parsed.password or ""),
+            # An empty host with ?host=/run/postgresql selects the Unix socket.
+            "HOST": unquote(parsed.hostname or options.pop("host", "")),
+            "PORT": str(parsed.port or ""),
+            "CONN_MAX_AGE": envint("DB_CONN_MAX_AGE", "60"),
+            "CONN_HEALTH_CHECKS": True,
+            "OPTIONS": {"connect_timeout": envint("DB_CONNECT_TIMEOUT", "5"), **options},
+        }
+    raise ValueError(f"DATABASE_URL: unsupported scheme {parsed.scheme!r} (use postgres:// or sqlite:///)")
+
+
+DEBUG = envbool("DEBUG", "False")
+SECRET_KEY = os.getenv("SECRET_KEY", "")
+if not SECRET_KEY:
+    if DEBUG or envbool("ALLOW_INSECURE_SECRET", "True"):
+        # Zero-setup default for `make run` and the tests; production sets SECRET_KEY
+        # and ALLOW_INSECURE_SECRET=false so that a missing secret fails loudly.
+        SECRET_KEY = "insecure-development-key-set-SECRET_KEY-in-production"
+    else:
+        raise RuntimeError("SECRET_KEY must be set")
+
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
+
+# The name of this node: in the log of every message, in our headers, in the SMTP greeting.
+NODE_NAME = os.getenv("NODE_NAME", socket.gethostname())
+# The name the SMTP server greets with and the authserv-id of Authentication-Results.
+SMTP_HOSTNAME = os.getenv("SMTP_HOSTNAME", NODE_NAME)
+PRODUCT_NAME = "Mailgate"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "gateway",
+    "quarantine",
+    "reports",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "appliance.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = "appliance.wsgi.application"
+ASGI_APPLICATION = "appliance.asgi.application"
+
+DATA_DIR = Path(os.getenv("DATA_DIR", str(BASE_DIR / "data")))
+DATABASE_URL = os.getenv("DATABASE_URL", "") or f"sqlite:///{DATA_DIR / 'gateway.sqlite3'}"
+DATABASES = {"default": database_from_url(DATABASE_URL)}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # The SMTP worker, the web UI and the embedded worker write the same file.
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE",
+                                       "init_command": "PRAGMA journal_mode=WAL;"}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+SESSION_COOKIE_AGE = envint("SESSION_COOKIE_AGE", str(8 * 3600))
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SECURE = envbool("SECURE_COOKIES", "False")
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = os.getenv("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "static"
+
+# --- Tasks -----------------------------------------------------------------------------------
+# With a broker, Celery workers run scan / deliver / release and beat runs the sweeper.
+# Without one, `manage.py runworker` (started by `make run`) takes the due work from the
+# database itself; nothing is lost either way, since every step's state is a row.
+CELERY_BROKER_URL = os.getenv("CELERY_BROKER_URL", "")
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER", "False")
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_BEAT_SCHEDULE = {
+    "sweep": {"task": "gateway.tasks.sweep", "schedule": envfloat("SWEEP_INTERVAL", "60")},
+}
+
+# --- Scanners --------------------------------------------------------------------------------
+# Unset means that scan is off: the UI and the log say so on every message.
+SPAMD_URL = os.getenv("SPAMD_URL", "")  # tcp://127.0.0.1:783
+CLAMD_URL = os.getenv("CLAMD_URL", "")  # unix:///run/clamav/clamd.ctl or tcp://127.0.0.1:3310
+SCANNER_TIMEOUT = envfloat("SCANNER_TIMEOUT", "60")
+# A message larger than this is not sent to spamd (as spamc's own 500 KB default).
+SPAMD_MAX_SIZE = envint("SPAMD_MAX_SIZE", str(512 * 1024))
+
+# --- SMTP --------------------------------------------------------------------------------------
+SMTP_LISTEN = os.getenv("SMTP_LISTEN", "127.0.0.1:2525")
+SMTP_MAX_CONNECTIONS = envint("SMTP_MAX_CONNECTIONS", "500")
+SMTP_DATA_TIMEOUT = envint("SMTP_TIMEOUT", "300")
+# Delivery: connect and command timeouts towards the routes' mail servers.
+DELIVERY_TIMEOUT = envfloat("DELIVERY_TIMEOUT", "60")
+# Retries: first after DELIVERY_RETRY_BASE seconds, doubling up to DELIVERY_RETRY_MAX.
+DELIVERY_RETRY_BASE = envint("DELIVERY_RETRY_BASE", "60")
+DELIVERY_RETRY_MAX = envint("DELIVERY_RETRY_MAX", "3600")
+SCAN_RETRY_BASE = envint("SCAN_RETRY_BASE", "30")
+SCAN_RETRY_MAX = envint("SCAN_RETRY_MAX", "900")
+# A claim older than this (a worker that died mid-task) is handed back by the sweeper.
+STALE_CLAIM_SECONDS = envint("STALE_CLAIM_SECONDS", "900")
+# DNS for MX look-ups of outbound delivery (and, later, the SMTP-time checks).
+DNS_NAMESERVERS = envlist("DNS_NAMESERVERS", "")
+DNS_PORT = envint("DNS_PORT", "53")
+DNS_TIMEOUT = envfloat("DNS_TIMEOUT", "5")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.getenv("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

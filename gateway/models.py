@@ -1,0 +1,478 @@
+"""The mail path's tables: configuration of the flow, and the log of every message.
+
+The scoping rule of who may see which message lives here too (`MessageQuerySet.visible_to`),
+so that every page, export and API of the other apps shares it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+def validate_domain_name(value: str) -> None:
+    labels = value.rstrip(".").split(".")
+    if len(labels) < 2 or any(not label or len(label) > 63 for label in labels) or len(value) > 253:
+        raise ValidationError(f"{value!r} is not a fully qualified domain name")
+    for label in labels:
+        if label.startswith("-") or label.endswith("-") or not all(c.isalnum() or c == "-" for c in label):
+            raise ValidationError(f"{value!r} is not a valid domain name")
+
+
+def validate_network(value: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ValidationError(f"{value!r} is not an IP address or CIDR network") from exc
+
+
+class Route(models.Model):
+    """Where mail for a domain goes: the organisation's real mail server."""
+
+    name = models.CharField(max_length=100, unique=True)
+    host = models.CharField(max_length=255, help_text="Host name or IP address of the mail server")
+    port = models.PositiveIntegerField(default=25, validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    require_tls = models.BooleanField(default=False, help_text="Refuse to deliver unless STARTTLS succeeds")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.host}:{self.port})"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def for_address(cls, address: str) -> Route:
+        """The route to HOST:PORT, created on first use (named after the address)."""
+        host, port = parse_host_port(address, default_port=25)
+        route, _ = cls.objects.get_or_create(host=host, port=port, defaults={"name": f"{host}:{port}"})
+        return route
+
+
+def parse_host_port(value: str, *, default_port: int) -> tuple[str, int]:
+    """Split HOST:PORT, [IPv6]:PORT or a bare host; raise ValueError when malformed."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, ""
+    if not host:
+        raise ValueError(f"{value!r}: no host")
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"{value!r}: the port is not a number") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"{value!r}: the port is out of range")
+    return host, number
+
+
+class Domain(models.Model):
+    """A protected (relay) domain: mail for it is accepted, scanned and relayed to its route."""
+
+    class RecipientCheck(models.TextChoices):
+        ANY = "any", "Accept any local part"
+        LIST = "list", "Only the listed addresses"
+        CALLAHEAD = "callahead", "Ask the route's server (RCPT probe)"
+
+    name = models.CharField(max_length=253, unique=True, validators=[validate_domain_name])
+    route = models.ForeignKey(Route, on_delete=models.PROTECT, related_name="domains")
+    active = models.BooleanField(default=True)
+    recipient_check = models.CharField(max_length=10, choices=RecipientCheck.choices, default=RecipientCheck.ANY)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args, **kwargs):
+        self.name = self.name.strip().rstrip(".").lower()
+        super().save(*args, **kwargs)
+
+
+class ValidRecipient(models.Model):
+    """An address known to exist at a domain whose recipient check is 'list'."""
+
+    domain = models.ForeignKey(Domain, on_delete=models.CASCADE, related_name="valid_recipients")
+    address = models.CharField(max_length=320, unique=True)
+
+    def __str__(self) -> str:
+        return self.address
+
+    def save(self, *args, **kwargs):
+        self.address = self.address.strip().lower()
+        super().save(*args, **kwargs)
+
+
+class TrustedNetwork(models.Model):
+    """Clients in these networks may relay to any domain (the organisation's own servers)."""
+
+    network = models.CharField(max_length=50, unique=True, validators=[validate_network])
+    description = models.CharField(max_length=200, blank=True)
+
+    def __str__(self) -> str:
+        return self.network
+
+    def save(self, *args, **kwargs):
+        self.network = str(ipaddress.ip_network(self.network, strict=False))
+        super().save(*args, **kwargs)
+
+
+class Verdict(models.TextChoices):
+    CLEAN = "clean", "Clean"
+    SPAM = "spam", "Spam"
+    HIGH_SPAM = "high_spam", "High spam"
+    VIRUS = "virus", "Virus"
+    BLOCKED_ATTACHMENT = "blocked_attachment", "Blocked attachment"
+
+
+class Action(models.TextChoices):
+    DELIVER = "deliver", "Deliver"
+    TAG = "tag", "Deliver tagged (subject prefix)"
+    QUARANTINE = "quarantine", "Quarantine"
+    DELETE = "delete", "Delete"
+
+
+DEFAULT_BLOCKED_ATTACHMENTS = "\n".join(
+    ["*.exe", "*.scr", "*.js", "*.jse", "*.vbs", "*.vbe", "*.bat", "*.cmd", "*.com", "*.pif", "*.cpl",
+     "*.hta", "*.msi", "*.wsf", "*.wsh", "*.lnk", "*.jar", "*.ps1", "*.reg", "*.iso"]
+)
+
+
+class MailFlowSettings(models.Model):
+    """The mail-flow settings: one row, edited in the admin (and later the settings page)."""
+
+    spam_threshold = models.FloatField(default=5.0, help_text="SpamAssassin score from which mail is spam")
+    high_spam_threshold = models.FloatField(default=15.0, help_text="Score from which mail is high spam")
+    action_spam = models.CharField(max_length=12, choices=Action.choices, default=Action.TAG)
+    action_high_spam = models.CharField(max_length=12, choices=Action.choices, default=Action.QUARANTINE)
+    action_virus = models.CharField(max_length=12, choices=Action.choices, default=Action.QUARANTINE)
+    action_blocked_attachment = models.CharField(max_length=12, choices=Action.choices,
+                                                 default=Action.QUARANTINE)
+    subject_prefix = models.CharField(max_length=50, default="[SPAM]")
+    max_message_size = models.PositiveIntegerField(default=25 * 1024 * 1024, help_text="Bytes (SMTP SIZE)")
+    max_recipients = models.PositiveIntegerField(default=100, help_text="Per message")
+    queue_lifetime_hours = models.PositiveIntegerField(default=5 * 24,
+                                                       help_text="How long a deferred delivery is retried")
+    blocked_attachments = models.TextField(
+        default=DEFAULT_BLOCKED_ATTACHMENTS,
+        help_text="One pattern per line: *.ext, a file name, or a glob. Double extensions such as "
+                  "invoice.pdf.exe are caught by their last extension; executables are also found by content.")
+    block_executables_by_content = models.BooleanField(
+        default=True, help_text="Treat Windows/ELF/Mach-O executables as blocked whatever their name")
+    outbound_relay = models.CharField(
+        max_length=255, blank=True,
+        help_text="HOST:PORT that receives mail for domains that are not ours (DSNs, outbound relay). "
+                  "Empty: deliver by MX look-up.")
+    quarantine_retention_days = models.PositiveIntegerField(default=30)
+    log_retention_days = models.PositiveIntegerField(default=365)
+
+    class Meta:
+        verbose_name = verbose_name_plural = "mail-flow settings"
+
+    def __str__(self) -> str:
+        return "Mail-flow settings"
+
+    def clean(self) -> None:
+        if self.high_spam_threshold < self.spam_threshold:
+            raise ValidationError({"high_spam_threshold": "must be at least the spam threshold"})
+        if self.outbound_relay:
+            try:
+                parse_host_port(self.outbound_relay, default_port=25)
+            except ValueError as exc:
+                raise ValidationError({"outbound_relay": str(exc)}) from exc
+
+    @classmethod
+    def load(cls) -> MailFlowSettings:
+        obj, _ = cls.objects.get_or_create(pk=1)
+        return obj
+
+    def save(self, *args, **kwargs):
+        self.pk = 1
+        super().save(*args, **kwargs)
+
+    def action_for(self, verdict: str) -> str:
+        return {
+            Verdict.CLEAN: Action.DELIVER,
+            Verdict.SPAM: self.action_spam,
+            Verdict.HIGH_SPAM: self.action_high_spam,
+            Verdict.VIRUS: self.action_virus,
+            Verdict.BLOCKED_ATTACHMENT: self.action_blocked_attachment,
+        }[verdict]
+
+    @property
+    def queue_lifetime(self) -> timedelta:
+        return timedelta(hours=self.queue_lifetime_hours)
+
+    def blocked_attachment_patterns(self) -> list[str]:
+        return [line.strip().lower() for line in self.blocked_attachments.splitlines() if line.strip()]
+
+
+class MessageQuerySet(models.QuerySet):
+    def visible_to(self, user) -> MessageQuerySet:
+        """The messages this user may see: the one scoping rule of the whole product.
+
+        Administrators see all; a domain administrator the mail to or from their domains; a user the
+        mail to or from their own addresses. Anyone else sees nothing.
+        """
+        if not getattr(user, "is_authenticated", False) or not user.is_active:
+            return self.none()
+        if user.is_superuser:
+            return self
+        profile = getattr(user, "mail_profile", None)
+        if profile is None:
+            return self.none()
+        if profile.role == "admin":
+            return self
+        if profile.role == "domain_admin":
+            domains = list(profile.domains.values_list("name", flat=True))
+            if not domains:
+                return self.none()
+            return self.filter(
+                Q(sender_domain__in=domains) | Q(pk__in=Recipient.objects.filter(domain__in=domains)
+                                                  .values("message_id"))
+            )
+        addresses = profile.all_addresses()
+        if not addresses:
+            return self.none()
+        return self.filter(
+            Q(envelope_sender__in=addresses) | Q(pk__in=Recipient.objects.filter(address__in=addresses)
+                                                 .values("message_id"))
+        )
+
+
+def new_queue_id() -> str:
+    # 12 hex digits, random: unique across SMTP nodes without asking the database first.
+    return secrets.token_hex(6).upper()
+
+
+class Message(models.Model):
+    """One message, or one attempt refused at SMTP time (state 'refused'), in the mail log."""
+
+    class State(models.TextChoices):
+        REFUSED = "refused", "Refused at SMTP time"
+        RECEIVED = "received", "Received, waiting for the scan"
+        SCANNING = "scanning", "Being scanned"
+        SCAN_DEFERRED = "scan_deferred", "Scan deferred (a scanner did not answer)"
+        DELIVERING = "delivering", "Being delivered"
+        DELIVERED = "delivered", "Delivered"
+        PARTIAL = "partial", "Delivered to some recipients"
+        BOUNCED = "bounced", "Delivery failed (bounced)"
+        QUARANTINED = "quarantined", "Quarantined"
+        RELEASED = "released", "Released from quarantine"
+        DELETED = "deleted", "Deleted"
+
+    class Direction(models.TextChoices):
+        INBOUND = "inbound", "Inbound"
+        OUTBOUND = "outbound", "Outbound"
+        DSN = "dsn", "Delivery status notification"
+
+    class Refusal(models.TextChoices):
+        RELAY_DENIED = "relay_denied", "Relay denied"
+        UNKNOWN_USER = "unknown_user", "Unknown user"
+        OVER_SIZE = "over_size", "Over size"
+        TOO_MANY_RECIPIENTS = "too_many_recipients", "Too many recipients"
+        BAD_SENDER = "bad_sender", "Bad sender address"
+        BAD_RECIPIENT = "bad_recipient", "Bad recipient address"
+        BAD_MESSAGE = "bad_message", "Malformed message"
+        CANT_RESOLVE = "cant_resolve", "Can't resolve sender domain"
+        RBL = "rbl", "Listed in a DNSBL"
+        REVERSE_DNS = "reverse_dns", "No forward-confirmed reverse DNS"
+        HELO = "helo", "Bad HELO/EHLO"
+        SPF = "spf", "SPF"
+        DMARC = "dmarc", "DMARC"
+        GREYLISTED = "greylisted", "Greylisted"
+        RATE_LIMIT = "rate_limit", "Rate limit"
+        BLOCKED_SENDER = "blocked_sender", "Blocked sender"
+        EARLY_TALKER = "early_talker", "Talked before the greeting"
+        AUTH_FAILED = "auth_failed", "Authentication failed"
+
+    objects = MessageQuerySet.as_manager()
+
+    queue_id = models.CharField(max_length=20, unique=True, default=new_queue_id)
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+    node = models.CharField(max_length=100, default="")
+    direction = models.CharField(max_length=10, choices=Direction.choices, default=Direction.INBOUND)
+    state = models.CharField(max_length=15, choices=State.choices, default=State.RECEIVED)
+    # Envelope and client
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    client_name = models.CharField(max_length=255, blank=True, help_text="Reverse DNS name of the client")
+    helo = models.CharField(max_length=255, blank=True)
+    authenticated_as = models.CharField(max_length=150, blank=True)
+    envelope_sender = models.CharField(max_length=320, blank=True, db_index=True)
+    sender_domain = models.CharField(max_length=253, blank=True, db_index=True)
+    # Headers
+    header_from = models.CharField(max_length=998, blank=True)
+    subject = models.CharField(max_length=998, blank=True)
+    message_id = models.CharField(max_length=998, blank=True)
+    size = models.PositiveIntegerField(default=0)
+    # Scan results
+    verdict = models.CharField(max_length=20, choices=Verdict.choices, blank=True)
+    action = models.CharField(max_length=12, choices=Action.choices, blank=True)
+    quarantined = models.BooleanField(default=False)
+    spam_score = models.FloatField(null=True, blank=True)
+    spam_threshold = models.FloatField(null=True, blank=True)
+    spam_rules = models.JSONField(default=list, blank=True, help_text="[{name, score, description}]")
+    virus_names = models.JSONField(default=list, blank=True)
+    attachments = models.JSONField(default=list, blank=True, help_text="[{name, type, size, sha256, blocked}]")
+    scan_notes = models.JSONField(default=list, blank=True, help_text="What was not scanned, and why")
+    checks = models.JSONField(default=dict, blank=True, help_text="SMTP-time and authentication checks")
+    added_headers = models.TextField(blank=True, help_text="Headers prepended on delivery")
+    # Refusals at SMTP time
+    refusal_reason = models.CharField(max_length=20, choices=Refusal.choices, blank=True)
+    smtp_reply = models.CharField(max_length=512, blank=True, help_text="Our final reply to the client")
+    # Work in progress
+    attempts = models.PositiveIntegerField(default=0, help_text="Scan attempts")
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    scanned_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-received_at", "-id"]
+        indexes = [
+            models.Index(fields=["state", "next_attempt_at"], name="message_due"),
+            models.Index(fields=["verdict", "received_at"], name="message_verdict_time"),
+            models.Index(fields=["quarantined", "received_at"], name="message_quarantine_time"),
+            models.Index(fields=["client_ip", "received_at"], name="message_client_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.queue_id} from <{self.envelope_sender}>"
+
+    def save(self, *args, **kwargs):
+        if self.envelope_sender and not self.sender_domain and "@" in self.envelope_sender:
+            self.sender_domain = self.envelope_sender.rsplit("@", 1)[1].lower()
+        super().save(*args, **kwargs)
+
+    def claim(self, from_states: list[str] | tuple[str, ...], to_state: str, **fields) -> bool:
+        """Move this message to `to_state` only if it is still in one of `from_states`.
+
+        Two workers, or a click made twice, race here: exactly one of them sees True.
+        """
+        now = timezone.now()
+        changed = Message.objects.filter(pk=self.pk, state__in=from_states).update(
+            state=to_state, claimed_at=now, **fields)
+        if changed:
+            self.state = to_state
+            self.claimed_at = now
+            for key, value in fields.items():
+                setattr(self, key, value)
+        return bool(changed)
+
+
+class Recipient(models.Model):
+    """One envelope recipient of a message, with its own verdict and delivery status."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Waiting for delivery"
+        DELIVERING = "delivering", "Being delivered"
+        DEFERRED = "deferred", "Deferred (temporary failure, will retry)"
+        DELIVERED = "delivered", "Delivered"
+        BOUNCED = "bounced", "Bounced (permanent failure)"
+        EXPIRED = "expired", "Expired in the queue"
+        QUARANTINED = "quarantined", "Held in quarantine"
+        RELEASED = "released", "Released, waiting for delivery"
+        DELETED = "deleted", "Deleted"
+        REFUSED = "refused", "Refused at SMTP time"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="recipients")
+    address = models.CharField(max_length=320, db_index=True)
+    domain = models.CharField(max_length=253, db_index=True)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
+    verdict = models.CharField(max_length=20, choices=Verdict.choices, blank=True)
+    action = models.CharField(max_length=12, choices=Action.choices, blank=True)
+    released = models.BooleanField(default=False)
+    reply_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    reply_text = models.TextField(blank=True, help_text="The downstream server's last reply")
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="recipient_due")]
+
+    def __str__(self) -> str:
+        return self.address
+
+    def save(self, *args, **kwargs):
+        if not self.domain and "@" in self.address:
+            self.domain = self.address.rsplit("@", 1)[1].lower()
+        super().save(*args, **kwargs)
+
+
+class RawMessage(models.Model):
+    """The bytes of a message as received, kept apart so the log stays small to scan."""
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, primary_key=True, related_name="raw")
+    data = models.BinaryField()
+
+
+class UserProfile(models.Model):
+    """What a login may see: its role, its domains (domain administrators), its addresses (users)."""
+
+    class Role(models.TextChoices):
+        ADMIN = "admin", "Administrator"
+        DOMAIN_ADMIN = "domain_admin", "Domain administrator"
+        USER = "user", "User"
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mail_profile")
+    role = models.CharField(max_length=15, choices=Role.choices, default=Role.USER)
+    domains = models.ManyToManyField(Domain, blank=True, related_name="administrators")
+    addresses = models.TextField(blank=True, help_text="Extra addresses and aliases, one per line")
+
+    def __str__(self) -> str:
+        return f"{self.user} ({self.get_role_display()})"
+
+    def all_addresses(self) -> list[str]:
+        found = [line.strip().lower() for line in self.addresses.splitlines() if line.strip()]
+        if self.user.email:
+            found.insert(0, self.user.email.lower())
+        return list(dict.fromkeys(found))
+
+
+class AuditEvent(models.Model):
+    """Who did what, on what, when and from where: every action of a person, and the release of mail."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    username = models.CharField(max_length=150, blank=True, help_text="Kept if the user is deleted")
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    action = models.CharField(max_length=50, db_index=True)
+    message = models.ForeignKey(Message, null=True, blank=True, on_delete=models.SET_NULL,
+                                related_name="audit_events")
+    target = models.CharField(max_length=500, blank=True, help_text="What the action was on")
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M} {self.username or 'system'} {self.action} {self.target}"
+
+
+def record_audit(action: str, *, user=None, ip: str | None = None, message: Message | None = None,
+                 target: str = "", **detail) -> AuditEvent:
+    return AuditEvent.objects.create(
+        action=action, user=user if getattr(user, "pk", None) else None,
+        username=getattr(user, "username", "") or "", ip=ip or None, message=message,
+        target=target or (message.queue_id if message else ""), detail=detail)
