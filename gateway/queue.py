@@ -1,0 +1,37 @@
+"""Handing work to the task workers, always after the transaction that made it due commits.
+
+With a broker (CELERY_BROKER_URL) the Celery task is sent; with CELERY_TASK_ALWAYS_EAGER (tests)
+it runs at once in this process; with neither, nothing is sent: the embedded worker of `make run`
+(`manage.py runworker`) finds the due rows in the database itself. Either way the row's state and
+next_attempt_at are the truth, and the sweeper picks up whatever a lost task left behind.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+
+
+def _send(task_name: str, *args, countdown: float | None = None) -> None:
+    if not (settings.CELERY_BROKER_URL or settings.CELERY_TASK_ALWAYS_EAGER):
+        return
+    from gateway import tasks
+
+    task = getattr(tasks, task_name)
+    transaction.on_commit(lambda: task.apply_async(args=args, countdown=countdown))
+
+
+def enqueue_scan(message_id: int, *, countdown: float | None = None) -> None:
+    _send("scan_message", message_id, countdown=countdown)
+
+
+def enqueue_delivery(message_id: int, *, countdown: float | None = None) -> None:
+    _send("deliver_message", message_id, countdown=countdown)
+
+
+def enqueue_learn(message_id: int, as_spam: bool) -> None:
+    _send("learn_message", message_id, as_spam)
+
+
+def tasks_are_sent() -> bool:
+    return bool(settings.CELERY_BROKER_URL or settings.CELERY_TASK_ALWAYS_EAGER)

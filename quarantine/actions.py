@@ -1,0 +1,88 @@
+"""What people do to quarantined mail. Each action is atomic, claims its rows, writes its audit row
+and hands the work to the task queue on commit: a release clicked twice delivers once."""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.validators import validate_email
+from django.db import transaction
+from django.utils import timezone
+
+from gateway import queue
+from gateway.models import Message, Recipient, Verdict, record_audit
+
+
+def may_release(message: Message, user) -> bool:
+    """Viruses are released by administrators only (unless the settings allow domain admins)."""
+    from django.conf import settings
+
+    if message.verdict != Verdict.VIRUS:
+        return True
+    if user is None or getattr(user, "is_superuser", False):
+        return True
+    profile = getattr(user, "mail_profile", None)
+    if profile is None:
+        return False
+    if profile.role == "admin":
+        return True
+    return profile.role == "domain_admin" and getattr(settings, "DOMAIN_ADMINS_RELEASE_VIRUSES", False)
+
+
+@transaction.atomic
+def release_message(message: Message, *, by=None, ip: str | None = None, recipients: list[str] | None = None,
+                    to_address: str | None = None) -> bool:
+    """Deliver a quarantined message, as stored and without scanning it again.
+
+    `recipients` picks some of the original recipients; `to_address` sends it to another address
+    instead. Returns False when it was no longer quarantined (already released or deleted).
+    """
+    if not may_release(message, by):
+        raise PermissionDenied("Only administrators may release a virus")
+    if to_address is not None:
+        to_address = to_address.strip()
+        validate_email(to_address)
+    held = message.recipients.filter(status=Recipient.Status.QUARANTINED)
+    if recipients:
+        wanted = {r.strip().lower() for r in recipients}
+        unknown = wanted - {r.lower() for r in held.values_list("address", flat=True)}
+        if unknown:
+            raise ValidationError(f"not a quarantined recipient of this message: {', '.join(sorted(unknown))}")
+        held = held.filter(address__in=wanted)
+    # The claim: only one caller sees the quarantined state and goes on.
+    if not message.claim([Message.State.QUARANTINED], Message.State.RELEASED, quarantined=False):
+        return False
+    now = timezone.now()
+    if to_address:
+        Recipient.objects.create(message=message, address=to_address.lower(), released=True,
+                                 verdict=message.verdict, status=Recipient.Status.PENDING, next_attempt_at=now)
+        released = [to_address.lower()]
+    else:
+        released = list(held.values_list("address", flat=True))
+        held.update(status=Recipient.Status.PENDING, released=True, next_attempt_at=now, claimed_at=None)
+    # Recipients not chosen stay where they were, no longer held: the message is out of quarantine.
+    message.recipients.filter(status=Recipient.Status.QUARANTINED).update(status=Recipient.Status.DELETED)
+    record_audit("release", user=by, ip=ip, message=message, recipients=released)
+    queue.enqueue_delivery(message.pk)
+    return True
+
+
+@transaction.atomic
+def delete_message(message: Message, *, by=None, ip: str | None = None) -> bool:
+    """Delete a quarantined message: its raw bytes go, its log entry stays (marked deleted)."""
+    if not message.claim([Message.State.QUARANTINED], Message.State.DELETED, quarantined=False):
+        return False
+    message.recipients.filter(status=Recipient.Status.QUARANTINED).update(status=Recipient.Status.DELETED)
+    from gateway.models import RawMessage
+
+    RawMessage.objects.filter(message=message).delete()
+    record_audit("delete", user=by, ip=ip, message=message)
+    return True
+
+
+def learn_message(message: Message, *, as_spam: bool, by=None, ip: str | None = None) -> None:
+    """Teach SpamAssassin's Bayes (spamd TELL) that this message is spam, or ham."""
+    if not hasattr(message, "raw"):
+        raise ValidationError("the original of this message is no longer stored")
+    with transaction.atomic():
+        record_audit("learn_spam" if as_spam else "learn_ham", user=by, ip=ip, message=message)
+        queue.enqueue_learn(message.pk, as_spam)
