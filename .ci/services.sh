@@ -293,7 +293,8 @@ problems=()
 if ! pg_isready -q -h 127.0.0.1 -p 5432 -t 3 2>/dev/null; then
     if [[ -d /etc/postgresql ]] && command -v pg_ctlcluster >/dev/null; then
         log "starting PostgreSQL"
-        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n 1)" main start || true
+        pg_version="$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -n 1)"
+        pg_ctlcluster --skip-systemctl-redirect "$pg_version" main start || true
         for ((i = 0; i < 60; i++)); do
             pg_isready -q -h 127.0.0.1 -p 5432 -t 1 && break
             sleep 0.5
@@ -303,8 +304,11 @@ fi
 if pg_isready -q -h 127.0.0.1 -p 5432 -t 3 2>/dev/null; then
     # The database that `make run` and the tests name; Django creates and drops test_mailgate itself.
     if ! psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'mailgate'" 2>/dev/null | grep -q 1; then
-        createdb -h 127.0.0.1 -U postgres mailgate 2>/dev/null && log "created PostgreSQL database mailgate" ||
+        if createdb -h 127.0.0.1 -U postgres mailgate 2>/dev/null; then
+            log "created PostgreSQL database mailgate"
+        else
             log "note: could not create database mailgate (not trust auth?); Django's test database still works"
+        fi
     fi
     log "PostgreSQL answers on 127.0.0.1:5432"
 else
