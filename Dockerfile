@@ -1,0 +1,38 @@
+# The Mailgate application image: one image for the web UI, the SMTP server, the Celery worker and
+# beat (docker-compose.yml picks the command). Scanners, PostgreSQL and Redis are their own images.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DJANGO_SETTINGS_MODULE=appliance.settings \
+    DATA_DIR=/var/lib/mailgate
+
+# Every runtime dependency has a wheel for 3.11 (psycopg[binary] brings its own libpq): no compiler.
+WORKDIR /app
+COPY requirements.txt ./
+RUN pip install -r requirements.txt
+
+# The application only, by name: no virtualenv, data, tests or VCS in the image.
+COPY manage.py ./
+COPY appliance ./appliance
+COPY gateway ./gateway
+COPY quarantine ./quarantine
+COPY reports ./reports
+COPY templates ./templates
+COPY static ./static
+
+# Static files are collected into the image (STATIC_ROOT is $DATA_DIR/static, served by whitenoise);
+# the compose file's migrate service collects them again into the data volume on every upgrade.
+# The key below exists only for this build step; the containers get theirs from the environment.
+RUN useradd --system --uid 10001 --home-dir "$DATA_DIR" --shell /usr/sbin/nologin mailgate \
+    && install -d -o mailgate -g mailgate "$DATA_DIR" \
+    && SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput -v0 \
+    && chown -R mailgate:mailgate "$DATA_DIR" \
+    && python -m compileall -q /app
+
+USER mailgate
+VOLUME ["/var/lib/mailgate"]
+EXPOSE 8000 25
+CMD ["gunicorn", "appliance.wsgi", "-b", "0.0.0.0:8000"]
