@@ -183,6 +183,10 @@ SPAMD_MAX_SIZE = envint("SPAMD_MAX_SIZE", str(512 * 1024))
 SMTP_LISTEN = os.getenv("SMTP_LISTEN", "127.0.0.1:2525")
 SMTP_MAX_CONNECTIONS = envint("SMTP_MAX_CONNECTIONS", "500")
 SMTP_DATA_TIMEOUT = envint("SMTP_TIMEOUT", "300")
+# Threads that write the mail log for the SMTP server (one database connection each).
+SMTP_DB_THREADS = envint("SMTP_DB_THREADS", "8")
+# Look up the client's reverse DNS name for the log and the Received header.
+SMTP_REVERSE_DNS = envbool("SMTP_REVERSE_DNS", "True")
 # Delivery: connect and command timeouts towards the routes' mail servers.
 DELIVERY_TIMEOUT = envfloat("DELIVERY_TIMEOUT", "60")
 # Retries: first after DELIVERY_RETRY_BASE seconds, doubling up to DELIVERY_RETRY_MAX.

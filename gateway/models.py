@@ -140,6 +140,7 @@ class Verdict(models.TextChoices):
     HIGH_SPAM = "high_spam", "High spam"
     VIRUS = "virus", "Virus"
     BLOCKED_ATTACHMENT = "blocked_attachment", "Blocked attachment"
+    BLOCKED_SENDER = "blocked_sender", "Blocked sender"
 
 
 class Action(models.TextChoices):
@@ -165,6 +166,8 @@ class MailFlowSettings(models.Model):
     action_virus = models.CharField(max_length=12, choices=Action.choices, default=Action.QUARANTINE)
     action_blocked_attachment = models.CharField(max_length=12, choices=Action.choices,
                                                  default=Action.QUARANTINE)
+    action_blocked_sender = models.CharField(max_length=12, choices=Action.choices, default=Action.QUARANTINE,
+                                             help_text="For a sender on a block list")
     subject_prefix = models.CharField(max_length=50, default="[SPAM]")
     max_message_size = models.PositiveIntegerField(default=25 * 1024 * 1024, help_text="Bytes (SMTP SIZE)")
     max_recipients = models.PositiveIntegerField(default=100, help_text="Per message")
@@ -214,6 +217,7 @@ class MailFlowSettings(models.Model):
             Verdict.HIGH_SPAM: self.action_high_spam,
             Verdict.VIRUS: self.action_virus,
             Verdict.BLOCKED_ATTACHMENT: self.action_blocked_attachment,
+            Verdict.BLOCKED_SENDER: self.action_blocked_sender,
         }[verdict]
 
     @property
@@ -315,6 +319,7 @@ class Message(models.Model):
     client_name = models.CharField(max_length=255, blank=True, help_text="Reverse DNS name of the client")
     helo = models.CharField(max_length=255, blank=True)
     authenticated_as = models.CharField(max_length=150, blank=True)
+    mail_options = models.JSONField(default=list, blank=True, help_text="ESMTP MAIL parameters (BODY, SMTPUTF8)")
     envelope_sender = models.CharField(max_length=320, blank=True, db_index=True)
     sender_domain = models.CharField(max_length=253, blank=True, db_index=True)
     # Headers
@@ -406,6 +411,7 @@ class Recipient(models.Model):
     next_attempt_at = models.DateTimeField(null=True, blank=True)
     claimed_at = models.DateTimeField(null=True, blank=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
+    dsn_sent = models.BooleanField(default=False, help_text="A failure notice went to the envelope sender")
 
     class Meta:
         ordering = ["id"]

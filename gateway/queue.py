@@ -13,8 +13,10 @@ from django.db import transaction
 
 
 def _send(task_name: str, *args, countdown: float | None = None) -> None:
-    if not (settings.CELERY_BROKER_URL or settings.CELERY_TASK_ALWAYS_EAGER):
-        return
+    if not settings.CELERY_BROKER_URL:
+        if not settings.CELERY_TASK_ALWAYS_EAGER or countdown:
+            # Eager mode would run a delayed retry at once, in a loop: the sweeper takes it when due.
+            return
     from gateway import tasks
 
     task = getattr(tasks, task_name)

@@ -85,4 +85,10 @@ def learn_message(message: Message, *, as_spam: bool, by=None, ip: str | None = 
         raise ValidationError("the original of this message is no longer stored")
     with transaction.atomic():
         record_audit("learn_spam" if as_spam else "learn_ham", user=by, ip=ip, message=message)
-        queue.enqueue_learn(message.pk, as_spam)
+        if queue.tasks_are_sent():
+            queue.enqueue_learn(message.pk, as_spam)
+            return
+    # No task queue (the embedded single-machine mode): tell spamd now.
+    from gateway.tasks import learn_message as learn_task
+
+    learn_task.run(message.pk, as_spam)

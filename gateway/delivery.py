@@ -1,0 +1,327 @@
+"""Delivery: relay a message to the mail server of each recipient's domain.
+
+Each recipient is claimed before its attempt (status pending/deferred/released → delivering), so a
+retried or duplicated task never delivers twice. Per recipient the downstream's reply is kept;
+4xx and connection failures are retried with exponential back-off until the queue lifetime ends,
+5xx (or the end of the queue lifetime) bounce, with a DSN to the envelope sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import smtplib
+import ssl
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+
+import dns.exception
+import dns.resolver
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from . import dsn, queue
+from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Verdict, parse_host_port
+
+log = logging.getLogger(__name__)
+
+DUE_STATUSES = [Recipient.Status.PENDING, Recipient.Status.DEFERRED]
+ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+class NoRoute(Exception):
+    """No mail server is known for a domain (no route, no MX): a permanent failure."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    port: int
+    require_tls: bool = False
+    via_mx: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def backoff(attempt: int, base: int, cap: int) -> int:
+    return min(cap, base * 2 ** max(0, attempt - 1))
+
+
+def _resolver() -> dns.resolver.Resolver:
+    if settings.DNS_NAMESERVERS:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = settings.DNS_NAMESERVERS
+        resolver.port = settings.DNS_PORT
+    else:
+        resolver = dns.resolver.Resolver()
+    resolver.lifetime = settings.DNS_TIMEOUT
+    return resolver
+
+
+def mx_hosts(domain: str) -> list[str]:
+    """The domain's MX hosts by preference, or the domain itself (RFC 5321 §5.1 implicit MX)."""
+    try:
+        answer = _resolver().resolve(domain, "MX")
+    except dns.resolver.NXDOMAIN as exc:
+        raise NoRoute(f"domain {domain} does not exist") from exc
+    except dns.resolver.NoAnswer:
+        return [domain]
+    records = sorted(answer, key=lambda r: r.preference)
+    hosts = [str(r.exchange).rstrip(".") for r in records]
+    if hosts == [""]:
+        raise NoRoute(f"domain {domain} accepts no mail (null MX)")
+    return hosts
+
+
+def destination_for(domain: str, config: MailFlowSettings, routes: dict[str, Domain]) -> list[Destination]:
+    """Where mail for a domain goes: its route, else the outbound relay, else its MX hosts."""
+    local = routes.get(domain)
+    if local is not None:
+        return [Destination(local.route.host, local.route.port, local.route.require_tls)]
+    if config.outbound_relay:
+        host, port = parse_host_port(config.outbound_relay, default_port=25)
+        return [Destination(host, port)]
+    return [Destination(host, 25, via_mx=True) for host in mx_hosts(domain)]
+
+
+def scan_headers(message: Message, recipient_verdict: str) -> bytes:
+    """Our headers on delivered mail: what was found, so the mail client and the user can tell."""
+    lines = [f"X-Mailgate-Verdict: {recipient_verdict or message.verdict or 'unscanned'}"]
+    if message.spam_score is not None:
+        is_spam = recipient_verdict in (Verdict.SPAM, Verdict.HIGH_SPAM)
+        tests = ",".join(f"{r['name']}={r['score']:g}" for r in message.spam_rules) or "none"
+        lines.append(f"X-Spam-Status: {'Yes' if is_spam else 'No'}, score={message.spam_score:.1f} "
+                     f"required={message.spam_threshold or 0:.1f} tests={tests}")
+        lines.append(f"X-Spam-Score: {message.spam_score:.1f}")
+        if is_spam:
+            lines.append("X-Spam-Flag: YES")
+    if message.virus_names:
+        lines.append(f"X-Mailgate-Virus: {', '.join(message.virus_names)}")
+    blocked = [a for a in message.attachments if a.get("blocked")]
+    if blocked:
+        lines.append("X-Mailgate-Blocked-Attachments: " + ", ".join(a["name"] or "unnamed" for a in blocked))
+    lines.append(f"X-Mailgate-Queue-ID: {message.queue_id} ({message.node})")
+    out = []
+    for line in lines:
+        # Fold long values; header values here are ASCII (rule names, scores, our words) or were decoded.
+        text = line.encode("ascii", "replace").decode()
+        while len(text) > 900:
+            cut = text.rfind(",", 0, 900) + 1 or 900
+            out.append(text[:cut])
+            text = "\t" + text[cut:]
+        out.append(text)
+    return ("\r\n".join(out) + "\r\n").encode()
+
+
+def tag_subject(raw: bytes, prefix: str) -> bytes:
+    """Put the prefix in front of the Subject, touching nothing else in the message."""
+    if not prefix:
+        return raw
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = raw.partition(b"\n\n")
+    newline = b"\r\n" if b"\r\n" in head else b"\n"
+    lines = head.split(newline)
+    tag = prefix.encode("utf-8") + b" "
+    for index, line in enumerate(lines):
+        if line[:8].lower() == b"subject:":
+            value = line[8:].lstrip(b" \t")
+            if not value.startswith(tag.strip()):
+                lines[index] = b"Subject: " + tag + value
+            break
+    else:
+        lines.append(b"Subject: " + tag.strip())
+    return newline.join(lines) + sep + body
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return f"{code} {' '.join(text.split())}"[:1000]
+
+
+class DeliveryAttempt:
+    """One pass over the due recipients of one message."""
+
+    def __init__(self, message: Message):
+        self.message = message
+        self.config = MailFlowSettings.load()
+        self.now = timezone.now()
+
+    def claim(self) -> list[Recipient]:
+        # The claim token is the timestamp: only rows this very update moved are ours.
+        due = Q(status__in=DUE_STATUSES) & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=self.now))
+        ids = list(self.message.recipients.filter(due).values_list("pk", flat=True))
+        if not ids:
+            return []
+        Recipient.objects.filter(pk__in=ids, status__in=DUE_STATUSES).update(
+            status=Recipient.Status.DELIVERING, claimed_at=self.now)
+        return list(Recipient.objects.filter(pk__in=ids, status=Recipient.Status.DELIVERING, claimed_at=self.now))
+
+    def run(self) -> None:
+        recipients = self.claim()
+        if not recipients:
+            return
+        raw = RawMessage.objects.filter(message=self.message).values_list("data", flat=True).first()
+        if raw is None:
+            self._finish(recipients, 554, "5.3.0 the stored message is gone", permanent=True)
+            return
+        raw = bytes(raw)
+        routes = {d.name: d for d in Domain.objects.filter(active=True, name__in={r.domain for r in recipients})
+                  .select_related("route")}
+        # One SMTP transaction per destination and per variant of the content (tagged or not, verdict header).
+        groups: dict[tuple, list[Recipient]] = defaultdict(list)
+        for recipient in recipients:
+            try:
+                destinations = tuple(destination_for(recipient.domain, self.config, routes))
+            except NoRoute as exc:
+                self._finish([recipient], 550, f"5.1.2 {exc}", permanent=True)
+                continue
+            except dns.exception.DNSException as exc:
+                self._finish([recipient], 451, f"4.4.3 DNS lookup of {recipient.domain} failed: {exc}")
+                continue
+            tagged = recipient.action == Action.TAG and not recipient.released
+            groups[(destinations, tagged, recipient.verdict)].append(recipient)
+        for (destinations, tagged, verdict), group in groups.items():
+            content = self.message.added_headers.encode("utf-8", "replace").replace(b"\r\n", b"\n").replace(
+                b"\n", b"\r\n") + scan_headers(self.message, verdict)
+            body = tag_subject(raw, self.config.subject_prefix) if tagged else raw
+            self._send(destinations, group, content + body)
+        self._update_message()
+
+    def _send(self, destinations: tuple[Destination, ...], group: list[Recipient], data: bytes) -> None:
+        code, text, permanent = 451, "4.4.1 no destination could be tried", False
+        for destination in destinations:
+            unfinished = [r for r in group if r.status == Recipient.Status.DELIVERING]
+            if not unfinished:
+                return
+            try:
+                self._send_to(destination, unfinished, data)
+                return
+            except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+                # A refused connection, a timeout, a dropped session: try the next MX host, else defer.
+                # Only a 5xx the server itself answered (to the greeting or DATA) is permanent.
+                code = getattr(exc, "smtp_code", 0) or 451
+                permanent = isinstance(exc, smtplib.SMTPResponseException) and 500 <= code < 600
+                if not 400 <= code < 600:
+                    code = 451
+                detail = getattr(exc, "smtp_error", b"") or str(exc) or exc.__class__.__name__
+                text = f"{_reply(code, detail)} (from {destination})"
+                log.warning("delivery of %s to %s failed: %s", self.message.queue_id, destination, text)
+                if permanent:
+                    break
+        self._finish([r for r in group if r.status == Recipient.Status.DELIVERING], code, text, permanent=permanent)
+
+    def _send_to(self, destination: Destination, group: list[Recipient], data: bytes) -> None:
+        with smtplib.SMTP(destination.host, destination.port, local_hostname=settings.SMTP_HOSTNAME,
+                          timeout=settings.DELIVERY_TIMEOUT) as smtp:
+            smtp.ehlo()
+            if smtp.has_extn("starttls"):
+                context = ssl.create_default_context()
+                if not destination.require_tls:
+                    # Opportunistic TLS (RFC 7435): encrypt when offered, without authenticating the peer.
+                    context.check_hostname = False
+                    context.verify_mode = ssl.CERT_NONE
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            elif destination.require_tls:
+                raise smtplib.SMTPException(f"{destination} does not offer STARTTLS and the route requires it")
+            options = []
+            if smtp.has_extn("8bitmime") and "BODY=8BITMIME" in self.message.mail_options:
+                options.append("BODY=8BITMIME")
+            if "SMTPUTF8" in self.message.mail_options:
+                if not smtp.has_extn("smtputf8"):
+                    self._finish(group, 553, "5.6.7 the destination does not support SMTPUTF8", permanent=True)
+                    return
+                options.append("SMTPUTF8")
+            if smtp.has_extn("size"):
+                options.append(f"SIZE={len(data)}")
+            code, text = smtp.mail(self.message.envelope_sender, options)
+            if code != 250:
+                self._finish(group, code, _reply(code, text), permanent=code >= 500)
+                smtp.rset()
+                return
+            accepted = []
+            for recipient in group:
+                code, text = smtp.rcpt(recipient.address)
+                if code in (250, 251):
+                    accepted.append(recipient)
+                else:
+                    self._finish([recipient], code, _reply(code, text), permanent=code >= 500)
+            if not accepted:
+                smtp.rset()
+                return
+            code, text = smtp.data(data)
+            self._finish(accepted, code, _reply(code, text), permanent=code >= 500,
+                         delivered=code == 250, destination=destination)
+
+    def _finish(self, recipients: list[Recipient], code: int, text: str, *, permanent: bool = False,
+                delivered: bool = False, destination: Destination | None = None) -> None:
+        if not text.startswith(str(code)):
+            text = f"{code} {text}"
+        if destination is not None:
+            text = f"{text} (from {destination})"
+        now = timezone.now()
+        expired = now - self.message.received_at > self.config.queue_lifetime
+        for recipient in recipients:
+            recipient.reply_code, recipient.reply_text = code, text
+            recipient.attempts += 1
+            recipient.claimed_at = None
+            if delivered:
+                recipient.status, recipient.delivered_at, recipient.next_attempt_at = (
+                    Recipient.Status.DELIVERED, now, None)
+            elif permanent:
+                recipient.status, recipient.next_attempt_at = Recipient.Status.BOUNCED, None
+            elif expired:
+                recipient.status, recipient.next_attempt_at = Recipient.Status.EXPIRED, None
+            else:
+                delay = backoff(recipient.attempts, settings.DELIVERY_RETRY_BASE, settings.DELIVERY_RETRY_MAX)
+                recipient.status, recipient.next_attempt_at = Recipient.Status.DEFERRED, now + timedelta(seconds=delay)
+            recipient.save(update_fields=["status", "reply_code", "reply_text", "attempts", "claimed_at",
+                                          "delivered_at", "next_attempt_at"])
+            log.info("%s to <%s>: %s (%s)", self.message.queue_id, recipient.address, recipient.status, text)
+
+    def _update_message(self) -> None:
+        statuses = list(self.message.recipients.values_list("status", flat=True))
+        with transaction.atomic():
+            failed = list(self.message.recipients.select_for_update().filter(
+                status__in=[Recipient.Status.BOUNCED, Recipient.Status.EXPIRED], dsn_sent=False))
+            if failed:
+                dsn.send_failure_notice(self.message, failed)
+                Recipient.objects.filter(pk__in=[r.pk for r in failed]).update(dsn_sent=True)
+            state = _state_from(statuses, self.message.state)
+            fields = {"state": state}
+            if state in (Message.State.DELIVERED, Message.State.PARTIAL, Message.State.BOUNCED):
+                fields["completed_at"] = timezone.now()
+            # Never overwrite a state someone else set meanwhile (quarantine, release).
+            Message.objects.filter(pk=self.message.pk, state=self.message.state).update(**fields)
+        waiting = self.message.recipients.filter(status=Recipient.Status.DEFERRED).order_by("next_attempt_at").first()
+        if waiting is not None:
+            delay = max(1.0, (waiting.next_attempt_at - timezone.now()).total_seconds())
+            queue.enqueue_delivery(self.message.pk, countdown=delay)
+
+
+def _state_from(statuses: list[str], current: str) -> str:
+    s = set(statuses)
+    if Recipient.Status.QUARANTINED in s:
+        return Message.State.QUARANTINED
+    busy = {Recipient.Status.PENDING, Recipient.Status.DEFERRED, Recipient.Status.DELIVERING}
+    if s & busy:
+        return current if current == Message.State.RELEASED else Message.State.DELIVERING
+    failed = {Recipient.Status.BOUNCED, Recipient.Status.EXPIRED}
+    if Recipient.Status.DELIVERED in s:
+        if s & failed:
+            return Message.State.PARTIAL
+        return Message.State.RELEASED if current == Message.State.RELEASED else Message.State.DELIVERED
+    if s & failed:
+        return Message.State.BOUNCED
+    return Message.State.DELETED if s <= {Recipient.Status.DELETED} else current
+
+
+def deliver(message: Message) -> None:
+    DeliveryAttempt(message).run()
+

@@ -1,0 +1,116 @@
+"""Delivery status notifications (RFC 3464): tell the envelope sender which recipients failed.
+
+A DSN is a message of our own (direction 'dsn', null envelope sender so that it can never cause
+another one), logged and delivered like any other, without a scan.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from email.message import EmailMessage, MIMEPart
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from . import queue
+from .models import Message, RawMessage, Recipient, Verdict
+
+ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def _status(recipient: Recipient) -> str:
+    match = ENHANCED.search(recipient.reply_text or "")
+    if match and match.group(1)[0] in "45":
+        # A DSN reports a final failure: a 4.x.x that expired is reported as its 5.x.x counterpart.
+        return "5" + match.group(1)[1:]
+    return "5.4.7" if recipient.status == Recipient.Status.EXPIRED else "5.0.0"
+
+
+def _original_headers(message: Message) -> bytes:
+    raw = RawMessage.objects.filter(message=message).values_list("data", flat=True).first()
+    if raw is None:
+        return b""
+    raw = bytes(raw)
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    return raw[: end if end >= 0 else min(len(raw), 64 * 1024)] + b"\r\n"
+
+
+def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:
+    host = settings.SMTP_HOSTNAME
+    notice = EmailMessage()
+    notice["From"] = f"Mail Delivery System <MAILER-DAEMON@{host}>"
+    notice["To"] = message.envelope_sender
+    notice["Subject"] = "Undelivered Mail Returned to Sender"
+    notice["Date"] = email.utils.formatdate(localtime=False)
+    notice["Message-ID"] = email.utils.make_msgid(domain=host)
+    notice["Auto-Submitted"] = "auto-replied"
+    lines = [
+        f"This is the mail system at {host}.",
+        "",
+        "Your message could not be delivered to one or more recipients. The reply of the",
+        "receiving server is shown below for each of them.",
+        "",
+        f"  Subject: {message.subject}",
+        f"  Queued as: {message.queue_id}, received {message.received_at:%Y-%m-%d %H:%M:%S %Z}",
+        "",
+    ]
+    for recipient in failed:
+        reason = "expired in the queue after retrying" if recipient.status == Recipient.Status.EXPIRED else "refused"
+        lines.append(f"<{recipient.address}>: {reason}: {recipient.reply_text}")
+    notice.set_content("\n".join(lines) + "\n")
+
+    status = MIMEPart()
+    fields = [
+        f"Reporting-MTA: dns; {host}",
+        f"X-Mailgate-Queue-ID: {message.queue_id}",
+        f"Arrival-Date: {email.utils.format_datetime(message.received_at)}",
+        "",
+    ]
+    for recipient in failed:
+        fields += [
+            f"Final-Recipient: rfc822; {recipient.address}",
+            "Action: failed",
+            f"Status: {_status(recipient)}",
+        ]
+        remote = re.search(r"\(from ([^)\s]+)\)", recipient.reply_text or "")
+        if remote:
+            fields.append(f"Remote-MTA: dns; {remote.group(1).rsplit(':', 1)[0]}")
+        if recipient.reply_code:
+            diagnostic = re.sub(r"\s*\(from [^)]*\)$", "", recipient.reply_text)
+            fields.append(f"Diagnostic-Code: smtp; {' '.join(diagnostic.split())}")
+        fields.append(f"Last-Attempt-Date: {email.utils.format_datetime(timezone.now())}")
+        fields.append("")
+    status.set_payload("\r\n".join(fields))
+    status["Content-Type"] = "message/delivery-status"
+
+    headers = MIMEPart()
+    headers.set_payload(_original_headers(message).decode("utf-8", "replace"))
+    headers["Content-Type"] = "text/rfc822-headers"
+
+    notice.make_mixed()
+    notice.replace_header("Content-Type", 'multipart/report; report-type="delivery-status"')
+    notice.attach(status)
+    notice.attach(headers)
+    return notice.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@transaction.atomic
+def send_failure_notice(message: Message, failed: list[Recipient]) -> Message | None:
+    """Queue a DSN to the envelope sender; none for a null sender or for a DSN itself."""
+    if not message.envelope_sender or message.direction == Message.Direction.DSN:
+        return None
+    data = build_failure_notice(message, failed)
+    notice = Message.objects.create(
+        node=settings.NODE_NAME, direction=Message.Direction.DSN, state=Message.State.DELIVERING,
+        envelope_sender="", header_from=f"MAILER-DAEMON@{settings.SMTP_HOSTNAME}",
+        subject="Undelivered Mail Returned to Sender", size=len(data), verdict=Verdict.CLEAN,
+        action="deliver", scanned_at=timezone.now(), scan_notes=[f"failure notice for {message.queue_id}"])
+    RawMessage.objects.create(message=notice, data=data)
+    Recipient.objects.create(message=notice, address=message.envelope_sender.lower(), verdict=Verdict.CLEAN,
+                             action="deliver", next_attempt_at=timezone.now())
+    queue.enqueue_delivery(notice.pk)
+    return notice

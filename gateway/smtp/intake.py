@@ -1,0 +1,186 @@
+"""What the SMTP server asks of the database: the policy it enforces, and the log it writes.
+
+These are plain synchronous functions; the server runs them in its thread pool.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import email.utils
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.utils import timezone
+
+from gateway import queue
+from gateway.models import Domain, MailFlowSettings, Message, RawMessage, Recipient, TrustedNetwork, ValidRecipient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Policy:
+    """A snapshot of the configuration the SMTP server checks every command against."""
+
+    domains: dict[str, str] = field(default_factory=dict)  # name → recipient check mode
+    valid_recipients: frozenset[str] = frozenset()
+    trusted: tuple = ()
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    loaded_at: float = 0.0
+
+    def is_trusted(self, ip: str | None) -> bool:
+        if not ip:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain in self.domains
+
+
+def load_policy() -> Policy:
+    close_old_connections()
+    try:
+        config = MailFlowSettings.load()
+        domains = dict(Domain.objects.filter(active=True).values_list("name", "recipient_check"))
+        listed = [d for d, mode in domains.items() if mode == Domain.RecipientCheck.LIST]
+        valid = frozenset(ValidRecipient.objects.filter(domain__name__in=listed).values_list("address", flat=True))
+        trusted = tuple(ipaddress.ip_network(n) for n in TrustedNetwork.objects.values_list("network", flat=True))
+        return Policy(domains=domains, valid_recipients=valid, trusted=trusted,
+                      max_message_size=config.max_message_size, max_recipients=config.max_recipients,
+                      loaded_at=time.monotonic())
+    finally:
+        close_old_connections()
+
+
+class PolicyCache:
+    """The policy, reloaded from the database at most every `ttl` seconds (in the background)."""
+
+    def __init__(self, ttl: float = 15.0):
+        self.ttl = ttl
+        self._policy: Policy | None = None
+        self._lock = threading.Lock()
+
+    def peek(self) -> Policy | None:
+        """The snapshot in hand, without touching the database (safe on the event loop)."""
+        return self._policy
+
+    def get(self) -> Policy:
+        with self._lock:
+            policy = self._policy
+        if policy is None or time.monotonic() - policy.loaded_at > self.ttl:
+            try:
+                policy = load_policy()
+            except Exception:
+                if self._policy is None:
+                    raise
+                log.exception("could not reload the SMTP policy; keeping the previous one")
+                return self._policy
+            with self._lock:
+                self._policy = policy
+        return policy
+
+
+@dataclass
+class Envelope:
+    client_ip: str | None
+    client_name: str
+    helo: str
+    sender: str
+    recipients: list[str]
+    mail_options: list[str]
+    authenticated_as: str = ""
+    added_headers: str = ""
+    checks: dict = field(default_factory=dict)
+
+
+def _header_text(value) -> str:
+    try:
+        return " ".join(str(value).split())
+    except Exception:  # noqa: BLE001 - an undecodable header is logged as its raw form
+        return ""
+
+
+def summarise_headers(data: bytes) -> dict[str, str]:
+    """From, Subject and Message-ID, decoded for the log, from the header section only."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end + 4] if end >= 0 else data[:65536]
+    try:
+        headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+    except Exception:  # noqa: BLE001
+        return {"header_from": "", "subject": "", "message_id": ""}
+    out = {}
+    for key, name in (("header_from", "From"), ("subject", "Subject"), ("message_id", "Message-ID")):
+        try:
+            value = headers.get(name, "")
+        except Exception:  # noqa: BLE001 - malformed encoded words, bad charsets
+            value = ""
+        out[key] = _header_text(value)[:998]
+    return out
+
+
+def store_message(envelope: Envelope, data: bytes) -> Message:
+    """The raw bytes, the Message row and one row per recipient, in one transaction; the scan on commit."""
+    close_old_connections()
+    summary = summarise_headers(data)
+    direction = Message.Direction.OUTBOUND if envelope.authenticated_as or envelope.checks.get("relay") \
+        else Message.Direction.INBOUND
+    with transaction.atomic():
+        message = Message.objects.create(
+            node=settings.NODE_NAME, direction=direction, state=Message.State.RECEIVED,
+            client_ip=envelope.client_ip, client_name=envelope.client_name[:255], helo=envelope.helo[:255],
+            authenticated_as=envelope.authenticated_as, envelope_sender=envelope.sender[:320],
+            mail_options=envelope.mail_options, size=len(data), checks=envelope.checks,
+            added_headers="", **summary)
+        message.added_headers = received_header(envelope, message) + envelope.added_headers
+        Message.objects.filter(pk=message.pk).update(added_headers=message.added_headers)
+        RawMessage.objects.create(message=message, data=data)
+        Recipient.objects.bulk_create(
+            [Recipient(message=message, address=address.lower(), domain=address.rsplit("@", 1)[-1].lower())
+             for address in envelope.recipients])
+        queue.enqueue_scan(message.pk)
+    return message
+
+
+def received_header(envelope: Envelope, message: Message) -> str:
+    """Our trace header (RFC 5321 §4.4), prepended on delivery; the stored original stays untouched."""
+    client = f"{envelope.client_name or 'unknown'} [{envelope.client_ip}]"
+    protocol = "ESMTP"
+    if envelope.checks.get("tls"):
+        protocol += "S"
+    if envelope.authenticated_as:
+        protocol += "A"
+    if "SMTPUTF8" in envelope.mail_options:
+        protocol = "UTF8" + ("SMTPS" if envelope.checks.get("tls") else "SMTP") + (
+            "A" if envelope.authenticated_as else "")
+    date = email.utils.format_datetime(timezone.localtime(message.received_at))
+    for_part = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
+    return (f"Received: from {envelope.helo or 'unknown'} ({client})\r\n"
+            f"\tby {settings.SMTP_HOSTNAME} (Mailgate) with {protocol} id {message.queue_id}{for_part};\r\n"
+            f"\t{date}\r\n")
+
+
+def log_refusal(*, reason: str, reply: str, client_ip: str | None, client_name: str = "", helo: str = "",
+                sender: str = "", recipient: str = "", checks: dict | None = None) -> None:
+    """One row in the mail log for an attempt refused at SMTP time, so that the daily totals count it."""
+    close_old_connections()
+    message = Message.objects.create(
+        node=settings.NODE_NAME, state=Message.State.REFUSED, client_ip=client_ip, client_name=client_name[:255],
+        helo=helo[:255], envelope_sender=sender[:320], refusal_reason=reason, smtp_reply=reply[:512],
+        checks=checks or {}, completed_at=timezone.now())
+    if recipient:
+        Recipient.objects.create(message=message, address=recipient.lower()[:320], status=Recipient.Status.REFUSED,
+                                 reply_text=reply, domain=recipient.rsplit("@", 1)[-1].lower()[:253])
+

@@ -1,0 +1,127 @@
+"""Celery tasks of the mail path. Each takes an id, returns quietly when the row is gone or already
+taken, and leaves the row in a state that tells what happens next, so that the sweeper can pick up
+whatever a lost task (a dead worker, a flushed broker) left behind."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import shared_task
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from . import delivery, pipeline, queue
+from .models import MailFlowSettings, Message, RawMessage, Recipient
+from .scanners import ScannerUnavailable, spamassassin
+
+log = logging.getLogger(__name__)
+
+
+def run_scan(message_id: int) -> str:
+    message = Message.objects.filter(pk=message_id).first()
+    if message is None:
+        return "gone"
+    if not message.claim([Message.State.RECEIVED, Message.State.SCAN_DEFERRED], Message.State.SCANNING):
+        return "taken"
+    Message.objects.filter(pk=message.pk).update(attempts=message.attempts + 1)
+    message.attempts += 1
+    raw = RawMessage.objects.filter(message=message).values_list("data", flat=True).first()
+    config = MailFlowSettings.load()
+    try:
+        outcome = pipeline.scan(message, bytes(raw or b""), config)
+    except ScannerUnavailable as exc:
+        # Not delivered unscanned: the message waits, visibly, and is tried again later.
+        delay = delivery.backoff(message.attempts, settings.SCAN_RETRY_BASE, settings.SCAN_RETRY_MAX)
+        Message.objects.filter(pk=message.pk, state=Message.State.SCANNING).update(
+            state=Message.State.SCAN_DEFERRED, last_error=str(exc)[:2000], claimed_at=None,
+            next_attempt_at=timezone.now() + timedelta(seconds=delay))
+        log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
+        queue.enqueue_scan(message.pk, countdown=delay)
+        return "deferred"
+    pipeline.apply_verdict(message, outcome, config)
+    return message.verdict
+
+
+def run_delivery(message_id: int) -> None:
+    message = Message.objects.filter(pk=message_id).first()
+    if message is not None:
+        delivery.deliver(message)
+
+
+@shared_task(ignore_result=True)
+def scan_message(message_id: int) -> str:
+    return run_scan(message_id)
+
+
+@shared_task(ignore_result=True)
+def deliver_message(message_id: int) -> None:
+    run_delivery(message_id)
+
+
+@shared_task(ignore_result=True, autoretry_for=(ScannerUnavailable,), retry_backoff=30, retry_backoff_max=900,
+             retry_jitter=True, max_retries=20)
+def learn_message(message_id: int, as_spam: bool) -> None:
+    raw = RawMessage.objects.filter(message_id=message_id).values_list("data", flat=True).first()
+    if raw is None or not spamassassin.configured():
+        return
+    spamassassin.tell(bytes(raw), as_spam=as_spam)
+
+
+def due_work(now=None, *, received_grace: float = 120) -> tuple[list[int], list[int]]:
+    """Ids of the messages due for a scan, and of those with recipients due for delivery.
+
+    A message just received is left alone for `received_grace` seconds: its task is on its way.
+    """
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.STALE_CLAIM_SECONDS)
+    # Claims held by a worker that died are handed back.
+    Message.objects.filter(state=Message.State.SCANNING, claimed_at__lt=stale).update(
+        state=Message.State.SCAN_DEFERRED, next_attempt_at=now, last_error="the scan was interrupted")
+    Recipient.objects.filter(status=Recipient.Status.DELIVERING, claimed_at__lt=stale).update(
+        status=Recipient.Status.DEFERRED, next_attempt_at=now, claimed_at=None)
+    scans = list(Message.objects.filter(
+        Q(state=Message.State.RECEIVED, received_at__lte=now - timedelta(seconds=received_grace))
+        | Q(state=Message.State.SCAN_DEFERRED, next_attempt_at__lte=now)
+    ).order_by("received_at").values_list("pk", flat=True)[:1000])
+    deliveries = list(Recipient.objects.filter(
+        status__in=[Recipient.Status.PENDING, Recipient.Status.DEFERRED], next_attempt_at__lte=now
+    ).values_list("message_id", flat=True).distinct()[:1000])
+    return scans, deliveries
+
+
+def purge_expired(now=None, batch: int = 1000) -> int:
+    """Retention: the bytes of quarantined mail past its time go, in batches; the log entries stay."""
+    now = now or timezone.now()
+    config = MailFlowSettings.load()
+    cutoff = now - timedelta(days=config.quarantine_retention_days)
+    ids = list(Message.objects.filter(state=Message.State.QUARANTINED, received_at__lt=cutoff)
+               .values_list("pk", flat=True)[:batch])
+    if ids:
+        RawMessage.objects.filter(message_id__in=ids).delete()
+        Recipient.objects.filter(message_id__in=ids, status=Recipient.Status.QUARANTINED).update(
+            status=Recipient.Status.DELETED)
+        Message.objects.filter(pk__in=ids, state=Message.State.QUARANTINED).update(
+            state=Message.State.DELETED, quarantined=False, last_error="quarantine retention expired")
+    log_cutoff = now - timedelta(days=config.log_retention_days)
+    old = list(Message.objects.filter(received_at__lt=log_cutoff).exclude(
+        state__in=[Message.State.RECEIVED, Message.State.SCANNING, Message.State.SCAN_DEFERRED,
+                   Message.State.DELIVERING, Message.State.QUARANTINED]).values_list("pk", flat=True)[:batch])
+    if old:
+        Message.objects.filter(pk__in=old).delete()
+    return len(ids) + len(old)
+
+
+@shared_task(ignore_result=True)
+def sweep() -> dict:
+    """Re-enqueue what is due and what a lost task left behind (run by beat every minute)."""
+    scans, deliveries = due_work()
+    for message_id in scans:
+        scan_message.delay(message_id)
+    for message_id in deliveries:
+        deliver_message.delay(message_id)
+    purged = purge_expired()
+    if scans or deliveries or purged:
+        log.info("sweep: %d scans, %d deliveries re-enqueued, %d purged", len(scans), len(deliveries), purged)
+    return {"scans": len(scans), "deliveries": len(deliveries), "purged": purged}
