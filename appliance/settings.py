@@ -185,6 +185,8 @@ SMTP_MAX_CONNECTIONS = envint("SMTP_MAX_CONNECTIONS", "500")
 SMTP_DATA_TIMEOUT = envint("SMTP_TIMEOUT", "300")
 # Threads that write the mail log for the SMTP server (one database connection each).
 SMTP_DB_THREADS = envint("SMTP_DB_THREADS", "8")
+# Seconds the SMTP server keeps its snapshot of domains, trusted networks and limits.
+SMTP_POLICY_TTL = envfloat("SMTP_POLICY_TTL", "15")
 # Look up the client's reverse DNS name for the log and the Received header.
 SMTP_REVERSE_DNS = envbool("SMTP_REVERSE_DNS", "True")
 # Delivery: connect and command timeouts towards the routes' mail servers.

@@ -124,7 +124,7 @@ def tag_subject(raw: bytes, prefix: str) -> bytes:
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:
         head, sep, body = raw.partition(b"\n\n")
-    newline = b"\r\n" if b"\r\n" in head else b"\n"
+    newline = b"\r\n" if b"\r\n" in raw[: len(head) + 2] else b"\n"
     lines = head.split(newline)
     tag = prefix.encode("utf-8") + b" "
     for index, line in enumerate(lines):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import email.utils
 import re
-from email.message import EmailMessage, MIMEPart
+import email.policy
+from email.message import EmailMessage
 
 from django.conf import settings
 from django.db import transaction
@@ -41,13 +42,7 @@ def _original_headers(message: Message) -> bytes:
 
 def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:
     host = settings.SMTP_HOSTNAME
-    notice = EmailMessage()
-    notice["From"] = f"Mail Delivery System <MAILER-DAEMON@{host}>"
-    notice["To"] = message.envelope_sender
-    notice["Subject"] = "Undelivered Mail Returned to Sender"
-    notice["Date"] = email.utils.formatdate(localtime=False)
-    notice["Message-ID"] = email.utils.make_msgid(domain=host)
-    notice["Auto-Submitted"] = "auto-replied"
+    boundary = f"=_dsn_{message.queue_id}_{int(timezone.now().timestamp())}"
     lines = [
         f"This is the mail system at {host}.",
         "",
@@ -61,21 +56,17 @@ def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:
     for recipient in failed:
         reason = "expired in the queue after retrying" if recipient.status == Recipient.Status.EXPIRED else "refused"
         lines.append(f"<{recipient.address}>: {reason}: {recipient.reply_text}")
-    notice.set_content("\n".join(lines) + "\n")
+    human = EmailMessage()
+    human.set_content("\n".join(lines) + "\n", cte="quoted-printable")
 
-    status = MIMEPart()
     fields = [
         f"Reporting-MTA: dns; {host}",
         f"X-Mailgate-Queue-ID: {message.queue_id}",
         f"Arrival-Date: {email.utils.format_datetime(message.received_at)}",
-        "",
     ]
     for recipient in failed:
-        fields += [
-            f"Final-Recipient: rfc822; {recipient.address}",
-            "Action: failed",
-            f"Status: {_status(recipient)}",
-        ]
+        fields += ["", f"Final-Recipient: rfc822; {recipient.address}", "Action: failed",
+                   f"Status: {_status(recipient)}"]
         remote = re.search(r"\(from ([^)\s]+)\)", recipient.reply_text or "")
         if remote:
             fields.append(f"Remote-MTA: dns; {remote.group(1).rsplit(':', 1)[0]}")
@@ -83,19 +74,27 @@ def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:
             diagnostic = re.sub(r"\s*\(from [^)]*\)$", "", recipient.reply_text)
             fields.append(f"Diagnostic-Code: smtp; {' '.join(diagnostic.split())}")
         fields.append(f"Last-Attempt-Date: {email.utils.format_datetime(timezone.now())}")
-        fields.append("")
-    status.set_payload("\r\n".join(fields))
-    status["Content-Type"] = "message/delivery-status"
 
-    headers = MIMEPart()
-    headers.set_payload(_original_headers(message).decode("utf-8", "replace"))
-    headers["Content-Type"] = "text/rfc822-headers"
-
-    notice.make_mixed()
-    notice.replace_header("Content-Type", 'multipart/report; report-type="delivery-status"')
-    notice.attach(status)
-    notice.attach(headers)
-    return notice.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    header_lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
+        f"To: <{message.envelope_sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {email.utils.formatdate(localtime=False)}",
+        f"Message-ID: {email.utils.make_msgid(domain=host)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+    ]
+    human_bytes = human.as_bytes(policy=email.policy.SMTP)
+    parts = [
+        "\r\n".join(header_lines).encode() + b"\r\n\r\nThis is a MIME-encapsulated delivery status notification.\r\n",
+        f"--{boundary}\r\n".encode() + human_bytes,
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n".encode()
+        + "\r\n".join(fields).encode("utf-8", "replace") + b"\r\n",
+        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode() + _original_headers(message),
+        f"--{boundary}--\r\n".encode(),
+    ]
+    return b"\r\n".join(p.rstrip(b"\r\n") for p in parts[:-1]) + b"\r\n" + parts[-1]
 
 
 @transaction.atomic

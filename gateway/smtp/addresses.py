@@ -53,9 +53,10 @@ def parse_address(value: str, *, allow_null: bool = False) -> Address:
         raise AddressError("5.7.1", "Address literals are not accepted as a destination")
     try:
         ipaddress.ip_address(domain)
-        raise AddressError("5.1.8", "A bare IP address is not a mail domain")
     except ValueError:
         pass
+    else:
+        raise AddressError("5.1.8", "A bare IP address is not a mail domain")
     labels = domain.split(".")
     if not domain or any(not label for label in labels):
         raise AddressError("5.1.3", f"Bad address syntax: {value}")

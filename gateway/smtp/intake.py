@@ -68,8 +68,8 @@ def load_policy() -> Policy:
 class PolicyCache:
     """The policy, reloaded from the database at most every `ttl` seconds (in the background)."""
 
-    def __init__(self, ttl: float = 15.0):
-        self.ttl = ttl
+    def __init__(self, ttl: float | None = None):
+        self.ttl = settings.SMTP_POLICY_TTL if ttl is None else ttl
         self._policy: Policy | None = None
         self._lock = threading.Lock()
 
@@ -80,7 +80,7 @@ class PolicyCache:
     def get(self) -> Policy:
         with self._lock:
             policy = self._policy
-        if policy is None or time.monotonic() - policy.loaded_at > self.ttl:
+        if policy is None or time.monotonic() - policy.loaded_at >= self.ttl:
             try:
                 policy = load_policy()
             except Exception:

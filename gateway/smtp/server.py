@@ -61,6 +61,11 @@ def with_enhanced_code(status: str) -> str:
     return f"{code}{sep}{detail} {text}" if detail else status
 
 
+def envelope_sender(envelope: SMTPEnvelope | None) -> str:
+    sender = (envelope.mail_from or "") if envelope is not None else ""
+    return "" if sender == "<>" else sender
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, a connection limit and a reverse DNS look-up."""
 
@@ -82,6 +87,18 @@ class GatewaySMTP(SMTP):
             transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
             transport.close()
 
+    def _getaddr(self, arg: str):
+        stripped = arg.lstrip()
+        if stripped.startswith("<>"):
+            # The null reverse-path of bounces and DSNs (RFC 5321 §4.5.5): aiosmtpd calls it a syntax error.
+            return "<>", stripped[2:].strip()
+        address, rest = super()._getaddr(arg)
+        if address is None and stripped:
+            # Unparseable: the handler refuses it with a clear reply and logs the attempt.
+            raw, _, rest = stripped.partition(">" if stripped.startswith("<") else " ")
+            return raw.lstrip("<") or stripped, rest.strip()
+        return address, rest
+
     def connection_lost(self, error) -> None:
         self.gateway.connections.discard(self)
         super().connection_lost(error)
@@ -92,6 +109,8 @@ class GatewaySMTP(SMTP):
         enhanced = with_enhanced_code(status)
         if enhanced.startswith("552 5.3.4"):
             await self.gateway.refuse(self.session, self.envelope, Refusal.OVER_SIZE, enhanced)
+        elif enhanced.startswith("500 5.5.2 Line too long"):
+            await self.gateway.refuse(self.session, self.envelope, Refusal.BAD_MESSAGE, enhanced)
         await super().push(enhanced)
 
 
@@ -157,7 +176,7 @@ class GatewayHandler:
             await self.run_sync(
                 log_refusal, reason=reason, reply=reply, client_ip=getattr(session, "client_ip", None),
                 client_name=await self.client_name(session), helo=session.host_name or "",
-                sender=(envelope.mail_from or "") if envelope else "", recipient=recipient,
+                sender=envelope_sender(envelope), recipient=recipient,
                 checks=dict(getattr(session, "checks", {}) or {}))
         except Exception:  # noqa: BLE001
             log.exception("could not log a refusal (%s)", reason)
@@ -179,7 +198,8 @@ class GatewayHandler:
         if parsed.domain and "." not in parsed.domain:
             reply = f"550 5.1.8 Sender domain {parsed.domain} is not fully qualified"
             return await self.refuse(session, envelope, Refusal.BAD_SENDER, reply)
-        envelope.mail_from = str(parsed)
+        # aiosmtpd takes an empty mail_from for "no MAIL yet": the null sender is kept as "<>".
+        envelope.mail_from = str(parsed) or "<>"
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
@@ -217,7 +237,7 @@ class GatewayHandler:
             data = envelope.original_content or b""
             intake = Envelope(
                 client_ip=session.client_ip, client_name=await self.client_name(session),
-                helo=session.host_name or "", sender=envelope.mail_from or "", recipients=list(envelope.rcpt_tos),
+                helo=session.host_name or "", sender=envelope_sender(envelope), recipients=list(envelope.rcpt_tos),
                 mail_options=[o for o in envelope.mail_options if o.upper().startswith(("BODY=", "SMTPUTF8"))],
                 checks={**session.checks, **({"tls": True} if session.ssl else {})})
             try:

@@ -1,0 +1,41 @@
+"""Test messages built the way mail clients build them (the corpus holds the real-world ones)."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from email.message import EmailMessage
+
+from tests.services import CORPUS
+
+GTUBE_PATH = "mime/spamassassin-t-data/t/data/spam/gtube.eml"
+EICAR_PATH = "virus/eicar/eicar.com"
+
+
+def eicar() -> bytes:
+    return (CORPUS / EICAR_PATH).read_bytes()
+
+
+def zipped(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def message(*, subject: str = "Test", body: str = "Hello,\nthis is a test.\n", sender: str = "alice@sender.example",
+            to: str = "bob@example.org", attachments: list[tuple[str, str, bytes]] | None = None) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{abs(hash((subject, body)))}@sender.example>"
+    msg.set_content(body)
+    for name, ctype, data in attachments or []:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+MZ_PROGRAM = b"MZ\x90\x00\x03\x00\x00\x00\x04\x00\x00\x00\xff\xff" + b"\x00" * 200

@@ -1,0 +1,127 @@
+"""Delivery to the route: per-recipient replies, retries with back-off, exactly-once, DSNs."""
+
+import email
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from gateway import tasks
+from gateway.delivery import backoff, tag_subject
+from gateway.models import MailFlowSettings, Message, Recipient
+from tests.mail import message
+
+pytestmark = pytest.mark.usefixtures("scanners_off")
+
+
+def send(gateway_smtp, raw, to=("bob@example.org",), sender="alice@sender.example"):
+    with gateway_smtp.client() as client:
+        client.ehlo()
+        client.mail(sender)
+        for address in to:
+            client.rcpt(address)
+        code, reply = client.data(raw)
+    assert code == 250
+    return Message.objects.get(queue_id=reply.decode().rsplit(" ", 1)[1])
+
+
+def make_due(msg):
+    Recipient.objects.filter(message=msg, status="deferred").update(next_attempt_at=timezone.now())
+
+
+def run_due_deliveries():
+    for message_id in tasks.due_work()[1]:
+        tasks.run_delivery(message_id)
+
+
+def test_temporary_failure_is_retried_and_delivered_exactly_once(gateway_smtp, protected_domain, capture_server):
+    capture_server.handler.data_script = ["451 4.3.0 try again later"]
+    msg = send(gateway_smtp, message())
+    recipient = msg.recipients.get()
+    assert recipient.status == Recipient.Status.DEFERRED
+    assert recipient.reply_text.startswith("451 4.3.0 try again later")
+    assert recipient.next_attempt_at > timezone.now()
+    assert capture_server.messages == []
+    # Not due yet: nothing happens.
+    run_due_deliveries()
+    assert capture_server.messages == []
+    make_due(msg)
+    run_due_deliveries()
+    run_due_deliveries()  # a second pass (or a duplicated task) finds nothing to do
+    tasks.run_delivery(msg.pk)
+    assert len(capture_server.messages) == 1
+    recipient.refresh_from_db()
+    assert recipient.status == Recipient.Status.DELIVERED and recipient.attempts == 2
+    msg.refresh_from_db()
+    assert msg.state == Message.State.DELIVERED
+
+
+def test_permanent_failure_sends_a_dsn_to_the_sender(gateway_smtp, protected_domain, capture_server):
+    config = MailFlowSettings.load()
+    config.outbound_relay = capture_server.address  # the sender's domain is not ours: DSNs leave this way
+    config.save()
+    capture_server.handler.rcpt_script = {"gone@example.org": ["550 5.1.1 <gone@example.org>: no such user"]}
+    msg = send(gateway_smtp, message(to="bob@example.org, gone@example.org"), to=("bob@example.org",
+                                                                                   "gone@example.org"))
+    delivered = capture_server.wait_for(2)
+    assert len(delivered) == 2
+    original, notice = delivered
+    assert original.recipients == ["bob@example.org"]
+    assert notice.sender in ("", "<>") and notice.recipients == ["alice@sender.example"]
+    report = email.message_from_bytes(notice.data)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = report.get_payload()[1]
+    assert status.get_content_type() == "message/delivery-status"
+    text = status.as_string()
+    assert "Final-Recipient: rfc822; gone@example.org" in text
+    assert "Status: 5.1.1" in text and "Action: failed" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1" in text
+    msg.refresh_from_db()
+    assert msg.state == Message.State.PARTIAL
+    assert msg.recipients.get(address="gone@example.org").status == Recipient.Status.BOUNCED
+    dsn = Message.objects.get(direction=Message.Direction.DSN)
+    assert dsn.state == Message.State.DELIVERED
+
+
+def test_no_dsn_for_a_null_sender(gateway_smtp, protected_domain, capture_server):
+    capture_server.handler.rcpt_script = {"gone@example.org": ["550 5.1.1 no such user"]}
+    msg = send(gateway_smtp, message(to="gone@example.org"), to=("gone@example.org",), sender="")
+    assert msg.recipients.get().status == Recipient.Status.BOUNCED
+    assert not Message.objects.filter(direction=Message.Direction.DSN).exists()
+
+
+def test_refused_connection_is_deferred_then_expires_with_a_dsn(gateway_smtp, protected_domain, capture_server):
+    from tests.conftest import free_port
+
+    route = protected_domain.route
+    real_port, route.port = route.port, free_port()
+    route.save()
+    config = MailFlowSettings.load()
+    config.outbound_relay = capture_server.address
+    config.save()
+    msg = send(gateway_smtp, message())
+    recipient = msg.recipients.get()
+    assert recipient.status == Recipient.Status.DEFERRED
+    assert recipient.reply_code == 451 and "refused" in recipient.reply_text.lower()
+    # Five days later it is still down: the message expires and the sender hears of it.
+    Message.objects.filter(pk=msg.pk).update(received_at=timezone.now() - timedelta(days=5, minutes=1))
+    make_due(msg)
+    run_due_deliveries()
+    recipient.refresh_from_db()
+    assert recipient.status == Recipient.Status.EXPIRED
+    (notice,) = capture_server.wait_for(1)
+    assert notice.recipients == ["alice@sender.example"]
+    assert b"Action: failed" in notice.data
+    route.port = real_port
+    route.save()
+
+
+def test_backoff_doubles_up_to_the_cap():
+    assert [backoff(n, 60, 3600) for n in (1, 2, 3, 7, 10)] == [60, 120, 240, 3600, 3600]
+
+
+def test_tag_subject_touches_only_the_subject():
+    raw = b"From: a@b.example\r\nSubject: Hello\r\n\r\nSubject: body line\r\n"
+    assert tag_subject(raw, "[SPAM]") == b"From: a@b.example\r\nSubject: [SPAM] Hello\r\n\r\nSubject: body line\r\n"
+    assert tag_subject(b"From: a@b.example\r\n\r\nbody", "[SPAM]").startswith(b"From: a@b.example\r\nSubject: [SPAM]")
