@@ -16,7 +16,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import dns.reversename
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError
 
@@ -99,6 +100,14 @@ class GatewaySMTP(SMTP):
             return raw.lstrip("<") or stripped, rest.strip()
         return address, rest
 
+    async def smtp_DATA(self, arg: str) -> None:
+        # From DATA to our reply the client has handed us a message: a shutdown waits for it.
+        self.gateway.transactions_in_flight += 1
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.gateway.transactions_in_flight -= 1
+
     def connection_lost(self, error) -> None:
         self.gateway.connections.discard(self)
         super().connection_lost(error)
@@ -166,7 +175,7 @@ class GatewayHandler:
             return ""
         try:
             return await asyncio.wait_for(asyncio.shield(task), timeout=5)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - a name we could not learn is logged as unknown
+        except (TimeoutError, Exception):  # noqa: BLE001 - a name we could not learn is logged as unknown
             return ""
 
     async def refuse(self, session: Session, envelope: SMTPEnvelope | None, reason: str, reply: str,
@@ -232,25 +241,21 @@ class GatewayHandler:
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server, session, envelope):
-        self.transactions_in_flight += 1
+        data = envelope.original_content or b""
+        intake = Envelope(
+            client_ip=session.client_ip, client_name=await self.client_name(session),
+            helo=session.host_name or "", sender=envelope_sender(envelope), recipients=list(envelope.rcpt_tos),
+            mail_options=[o for o in envelope.mail_options if o.upper().startswith(("BODY=", "SMTPUTF8"))],
+            checks={**session.checks, **({"tls": True} if session.ssl else {})})
         try:
-            data = envelope.original_content or b""
-            intake = Envelope(
-                client_ip=session.client_ip, client_name=await self.client_name(session),
-                helo=session.host_name or "", sender=envelope_sender(envelope), recipients=list(envelope.rcpt_tos),
-                mail_options=[o for o in envelope.mail_options if o.upper().startswith(("BODY=", "SMTPUTF8"))],
-                checks={**session.checks, **({"tls": True} if session.ssl else {})})
-            try:
-                message = await self.run_sync(store_message, intake, data)
-            except (DatabaseError, InterfaceError, OSError) as exc:
-                # Not stored means not accepted: the client keeps the message and tries again.
-                log.error("could not store a message from %s: %s", session.client_ip, exc)
-                return "451 4.3.0 Temporary local problem, please try again later"
-            log.info("queued %s from <%s> to %d recipient(s), %d bytes", message.queue_id, intake.sender,
-                     len(intake.recipients), len(data))
-            return f"250 2.0.0 Ok: queued as {message.queue_id}"
-        finally:
-            self.transactions_in_flight -= 1
+            message = await self.run_sync(store_message, intake, data)
+        except (DatabaseError, InterfaceError, OSError) as exc:
+            # Not stored means not accepted: the client keeps the message and tries again.
+            log.error("could not store a message from %s: %s", session.client_ip, exc)
+            return "451 4.3.0 Temporary local problem, please try again later"
+        log.info("queued %s from <%s> to %d recipient(s), %d bytes", message.queue_id, intake.sender,
+                 len(intake.recipients), len(data))
+        return f"250 2.0.0 Ok: queued as {message.queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error", exc_info=error)
