@@ -111,6 +111,8 @@ class BulkJob(models.Model):
     selection = models.JSONField(null=True, blank=True, help_text="Message ids picked by hand; null: the filter")
     filters = models.JSONField(default=dict, blank=True, help_text="The quarantine filter, for 'all that match'")
     cursor = models.BigIntegerField(default=0, help_text="Messages with an id up to this one are done")
+    upto = models.BigIntegerField(null=True, blank=True,
+                                  help_text="The last id that matched when the job began: later mail is not part of it")
     total = models.PositiveIntegerField(default=0)
     done = models.PositiveIntegerField(default=0)
     succeeded = models.PositiveIntegerField(default=0)

@@ -1,0 +1,341 @@
+"""Forms of the quarantine pages: the filter, the release options, the allow and block lists, bulk actions."""
+
+from __future__ import annotations
+
+from datetime import datetime, time, timedelta
+
+from django import forms
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.utils import timezone
+
+from gateway.forms import Role, address_domain, domains_of, role_of
+from gateway.models import Domain, Message, Recipient, Verdict
+
+from .models import BulkJob, SenderListEntry, validate_sender_pattern
+
+# --- Who may do what to which quarantined message ------------------------------------------------------
+
+
+def quarantine_of(user) -> QuerySet[Message]:
+    """The quarantined messages this user may see: always through the one scoping function."""
+    return Message.objects.visible_to(user).filter(state=Message.State.QUARANTINED)
+
+
+def held_recipients_for(message: Message, user) -> list[str]:
+    """The held recipients of `message` that this user may release (or delete) the message for.
+
+    Seeing a message is not enough to send it on: a user sees mail *from* their addresses too, and a
+    domain administrator mail from their domains, and neither may push someone else's quarantined mail
+    into another organisation's mailboxes. So: administrators all; domain administrators the recipients
+    in their domains; users their own addresses.
+    """
+    held = message.recipients.filter(status=Recipient.Status.QUARANTINED).order_by("id")
+    role = role_of(user)
+    if role == Role.ADMIN:
+        pass
+    elif role == Role.DOMAIN_ADMIN:
+        held = held.filter(domain__in=domains_of(user))
+    elif role == Role.USER:
+        held = held.filter(address__in=user.mail_profile.all_addresses())
+    else:
+        return []
+    return list(held.values_list("address", flat=True))
+
+
+def may_release_to(user, address: str) -> bool:
+    """Whether this user may send quarantined mail to an address that is not one of its recipients."""
+    role = role_of(user)
+    if role == Role.ADMIN:
+        return True
+    if role == Role.DOMAIN_ADMIN:
+        return address_domain(address) in domains_of(user)
+    if role == Role.USER:
+        return address.lower() in user.mail_profile.all_addresses()
+    return False
+
+
+# --- The quarantine filter -----------------------------------------------------------------------------
+
+
+class QuarantineFilterForm(forms.Form):
+    """What the quarantine list and a bulk action on 'all that match' select. Empty fields select all."""
+
+    verdict = forms.ChoiceField(choices=[("", "Any verdict"), *Verdict.choices], required=False)
+    sender = forms.CharField(required=False, max_length=320,
+                             widget=forms.TextInput(attrs={"placeholder": "sender contains"}))
+    recipient = forms.CharField(required=False, max_length=320,
+                                widget=forms.TextInput(attrs={"placeholder": "recipient contains"}))
+    subject = forms.CharField(required=False, max_length=200,
+                              widget=forms.TextInput(attrs={"placeholder": "subject contains"}))
+    date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
+    date_to = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}),
+                              help_text="inclusive")
+
+    FIELDS = ("verdict", "sender", "recipient", "subject", "date_from", "date_to")
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
+            self.add_error("date_to", "The end date is before the start date.")
+        return data
+
+    def apply(self, qs: QuerySet[Message]) -> QuerySet[Message]:
+        data = self.cleaned_data
+        if data.get("verdict"):
+            qs = qs.filter(verdict=data["verdict"])
+        if data.get("sender"):
+            qs = qs.filter(envelope_sender__icontains=data["sender"].strip())
+        if data.get("recipient"):
+            # EXISTS rather than a join: a message with two matching recipients is listed once.
+            qs = qs.filter(Exists(Recipient.objects.filter(message=OuterRef("pk"),
+                                                           address__icontains=data["recipient"].strip())))
+        if data.get("subject"):
+            qs = qs.filter(subject__icontains=data["subject"].strip())
+        zone = timezone.get_current_timezone()
+        if data.get("date_from"):
+            qs = qs.filter(received_at__gte=datetime.combine(data["date_from"], time.min, zone))
+        if data.get("date_to"):
+            qs = qs.filter(received_at__lt=datetime.combine(data["date_to"] + timedelta(days=1), time.min, zone))
+        return qs
+
+    def as_query(self) -> dict[str, str]:
+        """The filter as plain strings: stored with a bulk job, put back into links."""
+        if not self.is_bound or not self.is_valid():
+            return {}
+        return {name: str(self.cleaned_data[name]) for name in self.FIELDS if self.cleaned_data.get(name)}
+
+
+def filtered_quarantine(user, filters: dict) -> QuerySet[Message]:
+    """The user's quarantine narrowed by a stored filter; an invalid filter selects nothing, never everything."""
+    form = QuarantineFilterForm(filters)
+    if not form.is_valid():
+        return Message.objects.none()
+    return form.apply(quarantine_of(user))
+
+
+# --- Release options -----------------------------------------------------------------------------------
+
+
+class ReleaseForm(forms.Form):
+    """Release to the original recipients (all of one's own, or some of them), or to another address."""
+
+    recipients = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple,
+                                           help_text="Leave all unticked to release to every recipient listed")
+    to_address = forms.CharField(required=False, max_length=320, label="…or to another address",
+                                 help_text="Instead of the original recipients")
+
+    def __init__(self, *args, message: Message, user, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.message, self.user = message, user
+        self.allowed = held_recipients_for(message, user)
+        self.fields["recipients"].choices = [(a, a) for a in self.allowed]
+        role = role_of(user)
+        if role == Role.USER:
+            self.fields["to_address"].help_text = "One of your own addresses"
+        elif role == Role.DOMAIN_ADMIN:
+            self.fields["to_address"].help_text = "An address in one of your domains"
+
+    def clean_to_address(self) -> str | None:
+        address = self.cleaned_data["to_address"].strip().lower()
+        if not address:
+            return None
+        try:
+            validate_email(address)
+        except ValidationError:
+            raise ValidationError(f"{address!r} is not an e-mail address.") from None
+        if not may_release_to(self.user, address):
+            raise ValidationError(f"You may not release mail to {address}: "
+                                  + self.fields["to_address"].help_text.lower() + " only.")
+        return address
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("to_address") and data.get("recipients"):
+            self.add_error("to_address", "Release to the chosen recipients or to another address, not both.")
+        if not data.get("to_address") and not self.allowed and "to_address" not in self.errors:
+            raise ValidationError("None of this message's held recipients is yours to release it to.")
+        return data
+
+    def release_arguments(self) -> dict:
+        """The keyword arguments for quarantine.actions.release_message."""
+        data = self.cleaned_data
+        if data.get("to_address"):
+            return {"to_address": data["to_address"]}
+        chosen = data.get("recipients") or self.allowed
+        everyone = set(self.message.recipients.filter(status=Recipient.Status.QUARANTINED)
+                       .values_list("address", flat=True))
+        # None means "the original recipients": the action's own default when all of them are chosen.
+        return {"recipients": None if set(chosen) == everyone else list(chosen)}
+
+
+# --- Allow and block lists -----------------------------------------------------------------------------
+
+
+def list_scopes_for(user) -> list[tuple[str, str]]:
+    role = role_of(user)
+    if role == Role.ADMIN:
+        return [(SenderListEntry.Scope.GLOBAL, "Everyone (global)"), (SenderListEntry.Scope.DOMAIN, "A domain"),
+                (SenderListEntry.Scope.USER, "Only me")]
+    if role == Role.DOMAIN_ADMIN:
+        return [(SenderListEntry.Scope.DOMAIN, "A domain of mine"), (SenderListEntry.Scope.USER, "Only me")]
+    if role == Role.USER:
+        return [(SenderListEntry.Scope.USER, "Only me")]
+    return []
+
+
+def list_domains_for(user) -> QuerySet[Domain]:
+    role = role_of(user)
+    if role == Role.ADMIN:
+        return Domain.objects.all()
+    if role == Role.DOMAIN_ADMIN:
+        return Domain.objects.filter(name__in=domains_of(user))
+    return Domain.objects.none()
+
+
+def list_entries_for(user) -> QuerySet[SenderListEntry]:
+    """The entries this user may see and remove: all (administrators), their domains' and their own."""
+    entries = SenderListEntry.objects.select_related("domain", "user", "created_by")
+    role = role_of(user)
+    if role == Role.ADMIN:
+        return entries
+    own = Q(scope=SenderListEntry.Scope.USER, user=user)
+    if role == Role.DOMAIN_ADMIN:
+        return entries.filter(own | Q(scope=SenderListEntry.Scope.DOMAIN, domain__name__in=domains_of(user)))
+    if role == Role.USER:
+        return entries.filter(own)
+    return entries.none()
+
+
+class ListEntryForm(forms.Form):
+    kind = forms.ChoiceField(choices=SenderListEntry.Kind.choices, initial=SenderListEntry.Kind.BLOCK,
+                             widget=forms.RadioSelect, label="List")
+    sender = forms.CharField(
+        max_length=320,
+        help_text="An address (john@example.com), a whole domain (@example.com), its subdomains (*.example.com), "
+                  "an IP address (192.0.2.7) or a network (192.0.2.0/24)")
+    scope = forms.ChoiceField(label="For")
+    domain = forms.ModelChoiceField(queryset=Domain.objects.none(), required=False,
+                                    help_text="When the entry is for a domain")
+    comment = forms.CharField(max_length=200, required=False)
+
+    def __init__(self, *args, user, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.user = user
+        scopes = list_scopes_for(user)
+        self.fields["scope"].choices = scopes
+        self.fields["scope"].initial = scopes[0][0] if scopes else None
+        self.fields["domain"].queryset = list_domains_for(user)
+        if len(scopes) == 1:
+            # A user has one list, their own: no choice to make.
+            self.fields["scope"].widget = forms.HiddenInput()
+            self.fields["scope"].required = False
+            del self.fields["domain"]
+
+    def clean_scope(self) -> str:
+        # Omitted means the only scope on offer (a user's own list); anything else must be one on offer.
+        return self.cleaned_data.get("scope") or self.fields["scope"].initial
+
+    def clean_sender(self) -> str:
+        sender = self.cleaned_data["sender"].strip().lower()
+        try:
+            validate_sender_pattern(sender)
+        except ValidationError as exc:
+            raise ValidationError(f"{exc.messages[0]}. Write an address (john@example.com), @example.com for a "
+                                  "domain, *.example.com for its subdomains, or an IP address or network.") from None
+        if sender.startswith("*@"):
+            raise ValidationError("Write @example.com for a whole domain, not *@example.com.")
+        return sender
+
+    def clean(self) -> dict:
+        data = super().clean()
+        scope = data.get("scope")
+        if scope == SenderListEntry.Scope.DOMAIN:
+            if not data.get("domain"):
+                self.add_error("domain" if "domain" in self.fields else "scope", "Choose the domain.")
+        else:
+            data["domain"] = None
+        if "sender" in data and "kind" in data and scope:
+            same_place = SenderListEntry.objects.filter(
+                scope=scope, sender=data["sender"], domain=data.get("domain"),
+                user=self.user if scope == SenderListEntry.Scope.USER else None)
+            if same_place.filter(kind=data["kind"]).exists():
+                self.add_error("sender", f"{data['sender']} is already on this list.")
+            elif same_place.exists():
+                self.add_error("sender", f"{data['sender']} is on the other list of the same scope; remove it "
+                                         "there first.")
+        return data
+
+    def save(self) -> SenderListEntry:
+        data = self.cleaned_data
+        scope = data["scope"]
+        return SenderListEntry.objects.create(
+            kind=data["kind"], scope=scope, sender=data["sender"], domain=data.get("domain"),
+            user=self.user if scope == SenderListEntry.Scope.USER else None, comment=data.get("comment", ""),
+            created_by=self.user)
+
+
+class SenderFromMessageForm(ListEntryForm):
+    """Allow or block the sender of a quarantined message: the address or its whole domain."""
+
+    what = forms.ChoiceField(choices=[("address", "This address"), ("domain", "Its whole domain")],
+                             initial="address", widget=forms.RadioSelect, label="Sender")
+
+    def __init__(self, data=None, *, user, message: Message, kind: str, prefix: str | None = None):
+        self.message = message
+        if data is not None:
+            data = data.copy()
+        super().__init__(data, user=user, prefix=prefix or kind)
+        if data is not None:
+            # The pattern comes from the message, never from the form: one cannot list an arbitrary sender here.
+            data[self.add_prefix("sender")] = self.pattern_for(message, data.get(self.add_prefix("what"), "address"))
+            data[self.add_prefix("kind")] = kind
+        self.initial.update(kind=kind, sender=self.pattern_for(message, "address"))
+        self.fields["sender"].widget = forms.HiddenInput()
+        self.fields["sender"].required = False  # a bounce has no sender: clean_sender says so in words
+        self.fields["kind"].widget = forms.HiddenInput()
+        address, domain = self.pattern_for(message, "address"), self.pattern_for(message, "domain")
+        if address:
+            self.fields["what"].choices = [("address", f"This address ({address})"),
+                                           ("domain", f"Its whole domain ({domain})")]
+        self.order_fields(["what", "scope", "domain", "comment"])
+        if "domain" in self.fields and role_of(self.user) == Role.DOMAIN_ADMIN:
+            # Default to the domain the message was addressed to, when it is one of theirs.
+            mine = set(domains_of(self.user))
+            for domain in message.recipients.values_list("domain", flat=True):
+                if domain in mine:
+                    self.fields["domain"].initial = Domain.objects.filter(name=domain).first()
+                    break
+
+    @staticmethod
+    def pattern_for(message: Message, what: str) -> str:
+        sender = message.envelope_sender.strip().lower()
+        if "@" not in sender:
+            return ""
+        return "@" + address_domain(sender) if what == "domain" else sender
+
+    def clean_sender(self) -> str:
+        if not self.cleaned_data.get("sender"):
+            raise ValidationError("This message has no sender address (a bounce): there is nothing to list.")
+        return super().clean_sender()
+
+
+class BulkForm(forms.Form):
+    """A bulk action on the ticked messages, or on every message the current filter matches."""
+
+    action = forms.ChoiceField(choices=BulkJob.Action.choices)
+    target = forms.ChoiceField(choices=[("selected", "The ticked messages"), ("all", "All that match the filter")],
+                               initial="selected")
+    ids = forms.MultipleChoiceField(required=False)  # queue ids; checked against the user's scope, not trusted
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Any string is accepted here: the scope check is the lookup through quarantine_of(), not a choice list.
+        self.fields["ids"].valid_value = lambda value: len(value) <= 20
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if data.get("target") == "selected" and not data.get("ids"):
+            raise ValidationError("Tick the messages first, or choose 'All that match the filter'.")
+        return data
