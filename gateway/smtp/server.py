@@ -70,6 +70,10 @@ def envelope_sender(envelope: SMTPEnvelope | None) -> str:
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes, a connection limit and a reverse DNS look-up."""
 
+    # RFC 5321 caps a line at 1000 octets, but real mail (HTML from some clients, long base64 lines)
+    # breaks it; like Postfix we accept long lines rather than refuse such mail. Commands keep their limit.
+    line_length_limit = 1024 * 1024
+
     def __init__(self, handler: GatewayHandler, **kwargs):
         super().__init__(handler, **kwargs)
         self.gateway = handler
