@@ -18,7 +18,7 @@ Public API::
     SPFResult.received_spf    the Received-SPF field value (RFC 7208 §9.1)
     SPFResult.header          "Received-SPF: <value>"
     SPFResult.duration        seconds the check took
-    SPFResult.domain, .identity ('mailfrom' or 'helo'), .mechanism, .problem, .smtp_code
+    SPFResult.domain, .identity ('mailfrom' or 'helo'), .sender, .helo, .mechanism, .problem, .smtp_code
 
 With an empty MAIL FROM (a bounce) the HELO identity is checked as ``postmaster@<helo>`` (RFC 7208 §2.4).
 """
@@ -109,6 +109,8 @@ class SPFResult:
     mechanism: str | None = None
     problem: str | None = None
     smtp_code: int = 250
+    sender: str = ""  # the identity checked: MAIL FROM, or postmaster@<helo> for a null sender
+    helo: str = ""
 
     @property
     def header(self) -> str:
@@ -192,6 +194,8 @@ def check_spf(
         mechanism=query.mechanism,
         problem=getattr(query, "prob", None) if result in ("permerror", "temperror") else None,
         smtp_code=code,
+        sender=query.s,
+        helo=query.h,
     )
 
 
