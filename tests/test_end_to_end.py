@@ -76,6 +76,11 @@ class Appliance:
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[name] = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=log)
 
+    def manage(self, *args: str) -> subprocess.CompletedProcess:
+        """A management command as an administrator runs it, against the same database and broker."""
+        return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True,
+                              text=True, timeout=60)
+
     def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 40) -> int:
         process = self.processes.pop(name)
         process.send_signal(sig)
@@ -120,11 +125,6 @@ def appliance(transactional_db, capture_server, redis, spamd, clamd, tmp_path, s
         "SCAN_RETRY_BASE": "2", "DJANGO_SETTINGS_MODULE": "appliance.settings", "NODE_NAME": "e2e-node",
     }
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
-    # This test process enqueues too (the release below): through the same broker.
-    settings.CELERY_BROKER_URL = redis
-    from appliance.celery import app
-
-    app.conf.broker_url = redis
     running = Appliance(env, tmp_path)
     running.start_smtp()
     running.start_worker()
@@ -188,10 +188,10 @@ def test_the_whole_flow(appliance, capture_server, corpus):
     assert refused.refusal_reason == "relay_denied" and refused.recipients.get().address == "victim@foreign.example"
 
     # Release the GTUBE message: the worker delivers the stored original, without scanning it again, once.
-    from quarantine.actions import release_message
-
-    assert release_message(gtube, by=None)
-    assert not release_message(Message.objects.get(pk=gtube.pk), by=None)  # a second click does nothing
+    first = appliance.manage("release", gtube.queue_id)
+    assert first.returncode == 0, first.stderr
+    second = appliance.manage("release", gtube.queue_id)  # a second release does nothing
+    assert second.returncode != 0 and "not in quarantine" in second.stderr
     wait_until(lambda: len(capture_server.messages) == 2, what="the released message")
     time.sleep(1)
     assert len(capture_server.messages) == 2
@@ -241,9 +241,8 @@ def test_spamd_down_defers_and_delivers_when_back(appliance, capture_server, tmp
     appliance.env["SPAMD_URL"] = good
     appliance.start_worker()
     Message.objects.filter(queue_id=queue_id).update(next_attempt_at=deferred.received_at)
-    from gateway.tasks import sweep
-
-    sweep.delay()
+    swept = appliance.manage("shell", "-c", "from gateway.tasks import sweep; sweep.delay()")
+    assert swept.returncode == 0, swept.stderr
     delivered = wait_until(lambda: settled(queue_id), what="delivery after spamd is back")
     assert delivered.state == "delivered"
     time.sleep(1)
