@@ -201,6 +201,7 @@ def test_enhanced_codes_added_to_aiosmtpd_replies():
     assert with_enhanced_code("501 Syntax: MAIL FROM: <address>") == "501 5.5.4 Syntax: MAIL FROM: <address>"
     assert with_enhanced_code("250 2.1.0 Sender OK") == "250 2.1.0 Sender OK"
     assert with_enhanced_code("220 host ESMTP") == "220 host ESMTP"
+    assert with_enhanced_code("250 HELP") == "250 HELP"  # the last EHLO line is a keyword, not a reply text
 
 
 def test_recipient_rows_start_pending():

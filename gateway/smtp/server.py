@@ -53,7 +53,7 @@ def with_enhanced_code(status: str) -> str:
             return replacement
     if len(status) < 4 or not status[:3].isdigit() or _HAS_ENHANCED.match(status) or status[:3] in ("220", "354"):
         return status
-    if status.startswith("250") and status[3] == "-":
+    if status.startswith("250") and (status[3] == "-" or status == "250 HELP"):
         return status  # EHLO keyword lines
     code, sep, text = status[:3], status[3], status[4:]
     detail = _SPECIFIC.get(code, _DEFAULT_DETAIL.get(code[0], ""))
