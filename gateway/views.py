@@ -112,10 +112,11 @@ def users(request: HttpRequest) -> HttpResponse:
                        | Q(mail_profile__addresses__icontains=query) | Q(first_name__icontains=query)
                        | Q(last_name__icontains=query))
     page = Paginator(qs.order_by("username"), 100).get_page(request.GET.get("page"))
-    rows = [{"user": u, "role": role_of_account(u), "profile": getattr(u, "mail_profile", None)} for u in page]
+    roles = dict(Role.choices)
+    rows = [{"user": u, "role": roles[role_of_account(u)], "profile": getattr(u, "mail_profile", None)} for u in page]
     return _page(request, "manage/users.html", {
         "page": page, "rows": rows, "q": query,
-        "my_domains": domains_of(request.user), "roles": dict(Role.choices),
+        "my_domains": domains_of(request.user),
     })
 
 

@@ -21,7 +21,7 @@ from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_http_methods, require_POST
 
 from gateway.forms import Role, role_of
-from gateway.models import Message, Recipient, Verdict, record_audit
+from gateway.models import Message, Recipient, record_audit
 from gateway.views import client_ip
 
 from . import actions
@@ -134,6 +134,8 @@ def _render_detail(request: HttpRequest, message: Message, *, release_form: Rele
     user = request.user
     quarantined = message.state == Message.State.QUARANTINED
     mine = held_recipients_for(message, user) if quarantined else []
+    allow_form = allow_form or SenderFromMessageForm(user=user, message=message, kind="allow")
+    block_form = block_form or SenderFromMessageForm(user=user, message=message, kind="block")
     return render(request, "quarantine/detail.html", {
         "message": message,
         "recipients": message.recipients.order_by("id"),
@@ -143,9 +145,8 @@ def _render_detail(request: HttpRequest, message: Message, *, release_form: Rele
         "may_delete": quarantined and bool(mine),
         "has_raw": hasattr(message, "raw") if quarantined else False,
         "release_form": release_form or ReleaseForm(message=message, user=user),
-        "allow_form": allow_form or SenderFromMessageForm(user=user, message=message, kind="allow"),
-        "block_form": block_form or SenderFromMessageForm(user=user, message=message, kind="block"),
-        "is_virus": message.verdict == Verdict.VIRUS,
+        "sender_forms": [(allow_form, "allow", reverse("quarantine:allow_sender", args=[message.queue_id])),
+                         (block_form, "block", reverse("quarantine:block_sender", args=[message.queue_id]))],
     }, status=status)
 
 

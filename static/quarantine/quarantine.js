@@ -1,5 +1,6 @@
-// Quarantine pages: tick all, confirmations, and the progress of bulk jobs.
+// Quarantine page: tick all, confirm a bulk action, and show the progress of bulk jobs.
 // A file rather than inline code: the Content-Security-Policy allows scripts from 'self' only.
+// (Single forms ask for confirmation through data-confirm, handled by js/app.js.)
 (function () {
   "use strict";
 
@@ -7,14 +8,6 @@
     var input = document.querySelector("input[name=csrfmiddlewaretoken]");
     return input ? input.value : "";
   }
-
-  // Buttons that destroy something ask first.
-  document.addEventListener("click", function (event) {
-    var button = event.target.closest("[data-confirm]");
-    if (button && !window.confirm(button.getAttribute("data-confirm"))) {
-      event.preventDefault();
-    }
-  });
 
   var selectAll = document.getElementById("q-select-all");
   if (selectAll) {
@@ -31,22 +24,22 @@
       var action = bulkForm.elements.action;
       var target = bulkForm.elements.target;
       if (!action || !target) { return; }
-      var label = action.options[action.selectedIndex].text.toLowerCase();
       var ticked = bulkForm.querySelectorAll("input[name=ids]:checked").length;
-      var what = target.value === "all" ? target.options[target.selectedIndex].text : ticked + " ticked message(s)";
       if (target.value === "selected" && ticked === 0) {
         event.preventDefault();
         window.alert("Tick the messages first, or choose 'all that match'.");
         return;
       }
+      var what = target.value === "all" ? target.options[target.selectedIndex].text : ticked + " ticked message(s)";
+      var label = action.options[action.selectedIndex].text;
       if (!window.confirm(label.charAt(0).toUpperCase() + label.slice(1) + ": " + what + "?")) {
         event.preventDefault();
       }
     });
   }
 
-  // A running bulk job: ask for its progress until it is done. The poll is a POST because, with no
-  // Celery worker configured, the poll is what works the next chunk.
+  // A running bulk job: ask for its progress until it is done. The poll is a POST because, when no
+  // Celery worker is configured, the poll is what works the next chunk (a GET never changes anything).
   function poll(box) {
     var url = box.getAttribute("data-status-url");
     var bar = box.querySelector(".q-job-bar");
@@ -73,7 +66,8 @@
           summary.textContent = job.summary;
           reload.hidden = false;
         } else {
-          window.setTimeout(step, 700);
+          summary.textContent = "";
+          window.setTimeout(step, 500);
         }
       }).catch(function () {
         failures += 1;
