@@ -236,3 +236,34 @@ def test_an_allow_entry_made_in_the_ui_changes_the_next_verdict(tab, live_server
     assert after.state == Message.State.DELIVERED
     assert len(capture_server.wait_for(1)) == 1
     tab.problems.check()
+
+
+def test_a_bulk_delete_shows_its_progress_until_done(tab, live_server, people):
+    for i in range(130):
+        quarantined("alice@example.org", subject=f"Lottery win number {i}", sender=f"lucky{i}@lottery.example")
+    keep = quarantined("alice@example.org", subject="A newsletter I want", sender="news@friends.example")
+    log_in(tab, live_server, people.alice)
+    tab.goto(f"{live_server.url}/quarantine/?sender=lottery")
+    expect(tab.locator(".q-count")).to_contain_text("130 messages match this filter")
+
+    # Tick all on the page: the boxes follow.
+    tab.check("#q-select-all")
+    assert tab.locator("input[name=ids]:checked").count() == 50
+
+    tab.select_option("select[name=target]", "all")
+    tab.select_option("select[name=action]", "delete")
+    # The page asks "Delete: all 130 that match?"; the kit dismisses dialogs, so answer yes here.
+    tab.evaluate("window.confirm = (question) => { sessionStorage.setItem('asked', question); return true; }")
+    tab.click("#q-bulk-form button[type=submit]")
+    job = tab.locator(".q-job")
+    expect(job).to_contain_text("Delete of 130 messages")
+    expect(job.locator(".q-job-summary")).to_have_text("Deleted 130 of 130 messages.", timeout=30_000)
+    expect(job.locator(".q-job-count")).to_have_text("130 / 130")
+    assert tab.evaluate("sessionStorage.getItem('asked')") == "Delete: all 130 that match?"
+
+    job.locator(".q-job-reload").click()
+    expect(tab.locator(".q-count")).to_contain_text("0 messages match this filter")
+    assert Message.objects.filter(subject__startswith="Lottery", state=Message.State.DELETED).count() == 130
+    keep.refresh_from_db()
+    assert keep.state == Message.State.QUARANTINED
+    tab.problems.check()
