@@ -11,13 +11,15 @@ Screenshots: docs/screenshots/quarantine.png, lists.png, manage-users.png.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from datetime import timedelta
 
+import browser as kit
 import pytest
-from browser import browser, login_as, page, screenshot  # noqa: F401  (browser and page are fixtures)
-from playwright.sync_api import expect
+from browser import login_as, page, screenshot  # noqa: F401  (page is a fixture)
+from playwright.sync_api import expect, sync_playwright
 
 from gateway.models import Message, Verdict
 from quarantine.models import SenderListEntry
@@ -25,6 +27,25 @@ from tests.mail import message as build_message
 from tests.test_quarantine_personas import GTUBE, PASSWORD, People, make_people, quarantined, virus
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium for this module only (the kit's `page` runs in it).
+
+    The kit's own `browser` fixture is session-scoped; imported into two test modules it becomes two
+    session fixtures, and the second Playwright start fails ("Sync API inside the asyncio loop") while
+    the first one lives. One Playwright per module, closed when the module ends, avoids that until the
+    kit's fixture moves to tests/conftest.py.
+    """
+    if not os.path.exists(kit.CHROMIUM):
+        if kit.on_ci():
+            pytest.fail(f"{kit.CHROMIUM} is missing and CI is set: install Debian's chromium")
+        pytest.skip(f"{kit.CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=kit.CHROMIUM, args=kit.CHROMIUM_ARGS)
+        yield instance
+        instance.close()
 
 
 @pytest.fixture
