@@ -204,6 +204,35 @@ DNS_NAMESERVERS = envlist("DNS_NAMESERVERS", "")
 DNS_PORT = envint("DNS_PORT", "53")
 DNS_TIMEOUT = envfloat("DNS_TIMEOUT", "5")
 
+# --- SMTP policy, TLS and authentication (issue 3; docs/smtp-policy.md) ----------------------------
+# What each check does (its action: off, log, score, tempfail, reject) and the DNSBL zones are in the
+# database (SMTPPolicy, DNSBLZone: the admin or `manage.py smtppolicy`); these are the process's knobs.
+# DNS-based checks (reverse DNS, DNSBL, HELO name, sender domain, SPF, DKIM, DMARC): "auto" runs them when
+# a resolver is configured (DNS_NAMESERVERS, or nameservers in /etc/resolv.conf) and says "off" on every
+# message otherwise; "true" always runs them (a dead resolver then answers 451 4.4.3); "false" never.
+SMTP_DNS_CHECKS = os.getenv("SMTP_DNS_CHECKS", "auto").strip().lower()
+# Greylisting on/off for this process (its delay and windows are in SMTPPolicy).
+SMTP_GREYLISTING = envbool("SMTP_GREYLISTING", "True")
+# Seconds a new client waits for the greeting; one that talks meanwhile is refused (early talker).
+# A client that waited once is not made to wait again on this node for a day.
+SMTP_GREET_DELAY = envfloat("SMTP_GREET_DELAY", "1")
+# Seconds the SMTP server keeps DNS answers (positive and negative; never failures) and SPF results.
+SMTP_DNS_CACHE_TTL = envfloat("SMTP_DNS_CACHE_TTL", "60")
+# STARTTLS on the inbound port. Certificate and key (PEM); empty: a self-signed pair is made on the
+# first start in DATA_DIR/tls (fine for `make run`; a real MX wants a real certificate).
+SMTP_STARTTLS = envbool("SMTP_STARTTLS", "True")
+SMTP_TLS_CERT = os.getenv("SMTP_TLS_CERT", "")
+SMTP_TLS_KEY = os.getenv("SMTP_TLS_KEY", "")
+# Mail submission for users' mail clients, with SMTP AUTH (PLAIN, LOGIN) against the appliance's users,
+# offered only over TLS: HOST:PORT of the STARTTLS submission port (587) and of implicit TLS (465).
+# Empty: not listened on. `runsmtp --submission/--smtps` override them.
+SMTP_SUBMISSION_LISTEN = os.getenv("SMTP_SUBMISSION_LISTEN", "")
+SMTP_SMTPS_LISTEN = os.getenv("SMTP_SMTPS_LISTEN", "")
+# Recipient call-ahead (domains whose recipient check is "callahead"): timeout of the RCPT probe, and
+# the MAIL FROM it uses (empty: the null sender <>, as a bounce would).
+SMTP_CALLAHEAD_TIMEOUT = envfloat("SMTP_CALLAHEAD_TIMEOUT", "10")
+SMTP_CALLAHEAD_SENDER = os.getenv("SMTP_CALLAHEAD_SENDER", "")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

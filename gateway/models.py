@@ -482,3 +482,215 @@ def record_audit(action: str, *, user=None, ip: str | None = None, message: Mess
         action=action, user=user if getattr(user, "pk", None) else None,
         username=getattr(user, "username", "") or "", ip=ip or None, message=message,
         target=target or (message.queue_id if message else ""), detail=detail)
+
+
+# --- SMTP-time policy and mail authentication (issue 3; docs/smtp-policy.md) ---------------------------------
+
+
+class CheckAction(models.TextChoices):
+    """What a check does when it finds something: the same five words for every check."""
+
+    OFF = "off", "Off (not checked)"
+    LOG = "log", "Log only"
+    SCORE = "score", "Add to the spam score"
+    TEMPFAIL = "tempfail", "Refuse temporarily (4xx)"
+    REJECT = "reject", "Refuse (5xx)"
+
+
+_ALL_ACTIONS = CheckAction.choices
+_NO_SCORE = [c for c in CheckAction.choices if c[0] != CheckAction.SCORE]
+_TEMPORARY = [c for c in CheckAction.choices if c[0] in (CheckAction.OFF, CheckAction.LOG, CheckAction.TEMPFAIL)]
+
+
+def _action(default: str, help_text: str, choices=_ALL_ACTIONS) -> models.CharField:
+    return models.CharField(max_length=8, choices=choices, default=default, help_text=help_text)
+
+
+def _score(default: float) -> models.FloatField:
+    return models.FloatField(default=default, help_text="Points added to the spam score when the action is 'score'")
+
+
+class SMTPPolicy(models.Model):
+    """What each SMTP-time check does: one row, read by the SMTP server with the rest of its policy.
+
+    A DNS lookup that fails temporarily makes a check whose action is reject or tempfail answer
+    451 4.4.3; a check that only logs or scores records 'temperror' and lets the mail pass.
+    """
+
+    # Connection
+    max_connections_per_ip = models.PositiveIntegerField(
+        default=50, help_text="Concurrent connections from one client IP (0: no limit); more get 421 4.7.0")
+    max_messages_per_minute = models.PositiveIntegerField(
+        default=0, help_text="Messages (MAIL commands) per minute from one client IP (0: no limit)")
+    rate_limit_action = _action(CheckAction.TEMPFAIL, "Over a limit: 421 4.7.0 (tempfail or reject) or log",
+                                _TEMPORARY + [(CheckAction.REJECT, "Refuse (421 too)")])
+    early_talker_action = _action(CheckAction.REJECT, "A client that talks before the greeting", _NO_SCORE)
+    fcrdns_action = _action(CheckAction.SCORE, "The client IP has no forward-confirmed reverse DNS name")
+    fcrdns_score = _score(1.0)
+    # HELO/EHLO
+    helo_action = _action(CheckAction.SCORE, "HELO is not a fully qualified name that resolves, nor the "
+                                             "client's own address literal")
+    helo_score = _score(1.0)
+    helo_impersonation_action = _action(CheckAction.REJECT, "HELO claims to be us (our name, our domains, "
+                                                            "our address)")
+    helo_impersonation_score = _score(3.0)
+    # MAIL FROM
+    sender_domain_action = _action(CheckAction.REJECT, "The sender domain has no MX nor address "
+                                                       "(reject 550 5.1.8, tempfail 450 4.1.8)")
+    sender_domain_score = _score(2.0)
+    spf_fail_action = _action(CheckAction.REJECT, "SPF fail (550 5.7.23)")
+    spf_fail_score = _score(5.0)
+    spf_softfail_action = _action(CheckAction.SCORE, "SPF softfail")
+    spf_softfail_score = _score(2.0)
+    spf_neutral_action = _action(CheckAction.LOG, "SPF neutral")
+    spf_neutral_score = _score(0.5)
+    spf_permerror_action = _action(CheckAction.LOG, "SPF permerror (the sender's record is broken)")
+    spf_permerror_score = _score(1.0)
+    spf_temperror_action = _action(CheckAction.TEMPFAIL, "SPF temperror (a DNS failure): 451 4.4.3",
+                                   _TEMPORARY)
+    # RCPT TO
+    blocked_sender_action = _action(
+        CheckAction.LOG, "A sender on a block list: 'reject' refuses it at RCPT (554 5.7.1); 'log' lets the scan "
+                         "apply the mail-flow action for blocked senders", _NO_SCORE)
+    greylisting_action = _action(CheckAction.TEMPFAIL, "Greylisting: 451 4.7.1 on the first try ('log' only "
+                                                       "learns)", _TEMPORARY)
+    greylist_delay = models.PositiveIntegerField(default=300, help_text="Seconds before a retry is accepted")
+    greylist_retry_window_hours = models.PositiveIntegerField(
+        default=48, help_text="A retry later than this after the first try starts over")
+    greylist_lifetime_days = models.PositiveIntegerField(
+        default=36, help_text="A triplet that passed passes without delay while it is used at least this often")
+    greylist_ipv4_prefix = models.PositiveSmallIntegerField(
+        default=24, validators=[MaxValueValidator(32)], help_text="Client network of the triplet (IPv4)")
+    greylist_ipv6_prefix = models.PositiveSmallIntegerField(
+        default=64, validators=[MaxValueValidator(128)], help_text="Client network of the triplet (IPv6)")
+    callahead_positive_hours = models.PositiveIntegerField(
+        default=24 * 7, help_text="How long a recipient the route's server accepted is remembered")
+    callahead_negative_minutes = models.PositiveIntegerField(
+        default=60, help_text="How long a recipient the route's server refused is remembered")
+    callahead_unreachable_action = _action(
+        CheckAction.TEMPFAIL, "The route's server cannot be asked: 451 4.4.3 (tempfail) or accept (log)",
+        _TEMPORARY)
+    # DATA
+    dkim_action = _action(CheckAction.LOG, "A DKIM signature that fails (RFC 6376 §6.3: alone, no reason to "
+                                           "refuse)", [c for c in _ALL_ACTIONS if c[0] in ("off", "log", "score")])
+    dkim_score = _score(1.0)
+    dmarc_reject_action = _action(CheckAction.REJECT, "DMARC fail with p=reject (550 5.7.1)")
+    dmarc_reject_score = _score(10.0)
+    dmarc_quarantine_action = _action(CheckAction.SCORE, "DMARC fail with p=quarantine (the score makes it spam)")
+    dmarc_quarantine_score = _score(5.0)
+    dmarc_temperror_action = _action(CheckAction.TEMPFAIL, "The DMARC policy could not be looked up: 451 4.4.3",
+                                     _TEMPORARY)
+    # SMTP AUTH (submission ports)
+    auth_max_failures = models.PositiveIntegerField(
+        default=5, help_text="Failed AUTH attempts from one client IP before it is refused (421 4.7.0)")
+    auth_failure_window_minutes = models.PositiveIntegerField(default=15)
+
+    class Meta:
+        verbose_name = verbose_name_plural = "SMTP policy"
+
+    def __str__(self) -> str:
+        return "SMTP policy"
+
+    @classmethod
+    def load(cls) -> SMTPPolicy:
+        obj, _ = cls.objects.get_or_create(pk=1)
+        return obj
+
+    def save(self, *args, **kwargs):
+        self.pk = 1
+        super().save(*args, **kwargs)
+
+
+def validate_answer_list(value: str) -> None:
+    for item in value.replace(",", " ").split():
+        validate_network(item)
+
+
+class DNSBLZone(models.Model):
+    """A DNS block list of client addresses (e.g. zen.spamhaus.org), asked about every client."""
+
+    zone = models.CharField(max_length=253, unique=True, validators=[validate_domain_name])
+    enabled = models.BooleanField(default=True)
+    action = _action(CheckAction.REJECT, "A listed client: 554 5.7.1 (reject), 450 4.7.1 (tempfail), score or log")
+    score = models.FloatField(default=3.0, help_text="Points when the action is 'score'")
+    answers = models.CharField(
+        max_length=500, blank=True, validators=[validate_answer_list],
+        help_text="Addresses or networks that mean 'listed' (e.g. 127.0.0.2 127.0.0.4/30); empty: any in "
+                  "127.0.0.0/8 except 127.255.255.0/24, the error answers of Spamhaus")
+    description = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["zone"]
+        verbose_name = "DNSBL zone"
+
+    def __str__(self) -> str:
+        return self.zone
+
+    def save(self, *args, **kwargs):
+        self.zone = self.zone.strip().rstrip(".").lower()
+        super().save(*args, **kwargs)
+
+
+class GreylistEntry(models.Model):
+    """One greylisting triplet: client network, envelope sender, recipient."""
+
+    key = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the triplet")
+    client_network = models.CharField(max_length=50)
+    sender = models.CharField(max_length=320, blank=True)
+    recipient = models.CharField(max_length=320)
+    first_seen = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now, db_index=True)
+    passed_at = models.DateTimeField(null=True, blank=True, help_text="When a retry was first accepted")
+    attempts = models.PositiveIntegerField(default=1)
+
+    class Meta:
+        verbose_name = "greylisting triplet"
+        verbose_name_plural = "greylisting triplets"
+        ordering = ["-last_seen"]
+
+    def __str__(self) -> str:
+        return f"{self.client_network} <{self.sender}> → <{self.recipient}>"
+
+
+class RecipientVerification(models.Model):
+    """The cached answer of a route's mail server to an RCPT probe (recipient call-ahead)."""
+
+    address = models.CharField(max_length=320, unique=True)
+    exists = models.BooleanField()
+    reply = models.CharField(max_length=512, blank=True)
+    checked_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["address"]
+
+    def __str__(self) -> str:
+        return f"{self.address}: {'exists' if self.exists else 'unknown'}"
+
+
+class DKIMKey(models.Model):
+    """A DKIM signing key of one of our domains (`manage.py dkim genkey`); the newest active one signs."""
+
+    class Algorithm(models.TextChoices):
+        RSA = "rsa-sha256", "RSA (rsa-sha256)"
+        ED25519 = "ed25519-sha256", "Ed25519 (ed25519-sha256, RFC 8463)"
+
+    domain = models.ForeignKey(Domain, on_delete=models.CASCADE, related_name="dkim_keys")
+    selector = models.CharField(max_length=63)
+    algorithm = models.CharField(max_length=15, choices=Algorithm.choices, default=Algorithm.RSA)
+    private_key = models.TextField(help_text="PEM; a secret: whoever has it can sign as the domain")
+    public_txt = models.TextField(help_text="The TXT record to publish at <selector>._domainkey.<domain>")
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["domain__name", "-created_at"]
+        verbose_name = "DKIM key"
+        constraints = [models.UniqueConstraint(fields=["domain", "selector"], name="unique_dkim_selector")]
+
+    def __str__(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain.name} ({self.algorithm})"
+
+    @property
+    def record_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain.name}"
