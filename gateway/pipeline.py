@@ -75,6 +75,14 @@ def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
     else:
         outcome.notes.append("spam scan off: SPAMD_URL is not configured")
 
+    # The SMTP-time checks whose action is "add to the score" (docs/smtp-policy.md) count like a rule.
+    smtp_score = float((message.checks or {}).get("score") or 0.0)
+    if smtp_score:
+        outcome.spam_score = round((outcome.spam_score or 0.0) + smtp_score, 3)
+        outcome.spam_threshold = config.spam_threshold
+        outcome.spam_rules = [*outcome.spam_rules, {"name": "MAILGATE_SMTP_CHECKS", "score": smtp_score,
+                                                    "description": "SMTP-time checks (SPF, DMARC, DNSBL, ...)"}]
+
     if report.blocked:
         outcome.verdict = Verdict.BLOCKED_ATTACHMENT
     elif outcome.spam_score is not None and outcome.spam_score >= config.high_spam_threshold:
