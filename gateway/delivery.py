@@ -23,7 +23,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from . import dsn, queue
+from . import dsn, queue, signing
+from .auth.dmarc import strip_authentication_results
 from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Verdict, parse_host_port
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,16 @@ class DeliveryAttempt:
                 continue
             tagged = recipient.action == Action.TAG and not recipient.released
             groups[(destinations, tagged, recipient.verdict)].append(recipient)
+        # Authentication-Results claiming to be ours came from outside (RFC 8601 §5): they go, here and not
+        # in the stored original, which stays as received.
+        head = raw[: raw.find(b"\r\n\r\n") if b"\r\n\r\n" in raw else len(raw)].lower()
+        if b"authentication-results" in head and settings.SMTP_HOSTNAME.lower().encode() in head:
+            raw = strip_authentication_results(raw, settings.SMTP_HOSTNAME)
         for (destinations, tagged, verdict), group in groups.items():
             content = self.message.added_headers.encode("utf-8", "replace").replace(b"\r\n", b"\n").replace(
                 b"\n", b"\r\n") + scan_headers(self.message, verdict)
             body = tag_subject(raw, self.config.subject_prefix) if tagged else raw
-            self._send(destinations, group, content + body)
+            self._send(destinations, group, signing.sign_outgoing(self.message, content + body))
         self._update_message()
 
     def _send(self, destinations: tuple[Destination, ...], group: list[Recipient], data: bytes) -> None:

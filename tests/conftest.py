@@ -186,3 +186,117 @@ def read_mail(path) -> bytes:
 
 
 __all__ = ["settings"]
+
+
+# --- SMTP-time policy (issue 3) --------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def smtp_policy_checks_off(settings, monkeypatch):
+    """The DNS-based checks, greylisting and the greeting delay are off in every test unless it turns them on:
+    tests have no DNS of their own (tests/dnsstub.py serves it to those that ask), and greylisting would
+    answer 451 to every first message. The environment carries the same to the processes tests start
+    (runsmtp in the end-to-end tests). tests/test_smtp_policy*.py and friends switch them on explicitly."""
+    values = {"SMTP_DNS_CHECKS": "false", "SMTP_GREYLISTING": False, "SMTP_GREET_DELAY": 0.0}
+    for name, value in values.items():
+        setattr(settings, name, value)
+        monkeypatch.setenv(name, str(value).lower())
+
+
+from tests.dnsstub import DNSStub  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def policy_dns():
+    """A DNS stub for the SMTP policy tests (zones set per test by `checks_on`)."""
+    with DNSStub() as stub:
+        yield stub
+
+
+# What a well-run sending site publishes: the client 127.0.0.1 is client.example.net (forward-confirmed),
+# sender.example has an MX, SPF allowing 127.0.0.0/8 and DMARC p=reject.
+GOOD_ZONES = {
+    "sender.example": [{"MX": [10, "mx.sender.example"]}, {"TXT": "v=spf1 ip4:127.0.0.0/8 -all"}],
+    "mx.sender.example": [{"A": "192.0.2.10"}],
+    "_dmarc.sender.example": [{"TXT": "v=DMARC1; p=reject"}],
+    "client.example.net": [{"A": "127.0.0.1"}, {"A": "127.0.0.2"}],
+    "1.0.0.127.in-addr.arpa": [{"PTR": "client.example.net"}],
+    "2.0.0.127.in-addr.arpa": [{"PTR": "client.example.net"}],
+}
+
+
+@pytest.fixture
+def checks_on(settings, policy_dns):
+    """The DNS-based checks on, against the stub (no cache, short timeouts); greylisting stays off unless a
+    test turns it on. Returns the stub: `checks_on.set_zones({...})` / `.add(...)` change what it serves."""
+    settings.SMTP_DNS_CHECKS = "true"
+    settings.DNS_NAMESERVERS = [policy_dns.host]
+    settings.DNS_PORT = policy_dns.port
+    settings.DNS_TIMEOUT = 0.5
+    settings.SMTP_DNS_CACHE_TTL = 0
+    policy_dns.set_zones(GOOD_ZONES)
+    return policy_dns
+
+
+class PolicyGatewayServer(GatewayServer):
+    """Our SMTP server with the submission (STARTTLS + AUTH) and implicit-TLS (AUTH) listeners too."""
+
+    def __init__(self):
+        super().__init__()
+        self.submission_port = free_port()
+        self.smtps_port = free_port()
+
+    def _run(self) -> None:
+        from gateway.smtp.server import serve
+
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            self.stop_event = asyncio.Event()
+            ready = asyncio.Event()
+            task = asyncio.ensure_future(serve("127.0.0.1", self.port, submission=("127.0.0.1", self.submission_port),
+                                               smtps=("127.0.0.1", self.smtps_port), ready=ready,
+                                               stop=self.stop_event, grace=5))
+            await ready.wait()
+            self.ready.set()
+            await task
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+            self.ready.set()
+
+    def submission(self) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.submission_port, local_hostname="laptop.example.org", timeout=60)
+
+    def smtps(self) -> smtplib.SMTP_SSL:
+        import ssl
+
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return smtplib.SMTP_SSL("127.0.0.1", self.smtps_port, local_hostname="laptop.example.org", timeout=60,
+                                context=context)
+
+
+@pytest.fixture
+def gateway_smtp_tls(transactional_db, settings, tmp_path):
+    """Our SMTP server with all three listeners and a self-signed certificate made in a scratch DATA_DIR."""
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    settings.SMTP_REVERSE_DNS = False
+    settings.SMTP_POLICY_TTL = 0
+    settings.DATA_DIR = tmp_path
+    settings.SMTP_TLS_CERT = ""
+    server = PolicyGatewayServer().start()
+    yield server
+    server.stop()
+
+
+def insecure_tls():
+    """A client TLS context for our self-signed certificate."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context

@@ -48,7 +48,8 @@ def parse_address(value: str, *, allow_null: bool = False) -> Address:
         raise AddressError("5.7.1", "Relaying through the local part (%, !, @) is not accepted")
     if any(c.isspace() for c in unquoted) and unquoted == local:
         raise AddressError("5.1.3", f"Bad address syntax: {value}")
-    domain = domain.rstrip(".").lower()
+    # One trailing dot is the root of the DNS (an absolute name); more are a syntax error.
+    domain = (domain[:-1] if domain.endswith(".") else domain).lower()
     if domain.startswith("["):
         raise AddressError("5.7.1", "Address literals are not accepted as a destination")
     try:

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from gateway import queue
 from gateway.models import Domain, MailFlowSettings, Message, RawMessage, Recipient, TrustedNetwork, ValidRecipient
+from gateway.policy.config import CheckConfig, defaults, load_check_config
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Policy:
     trusted: tuple = ()
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
+    checks: CheckConfig = field(default_factory=defaults)  # SMTPPolicy, DNSBL zones, list patterns
     loaded_at: float = 0.0
 
     def is_trusted(self, ip: str | None) -> bool:
@@ -60,7 +62,7 @@ def load_policy() -> Policy:
         trusted = tuple(ipaddress.ip_network(n) for n in TrustedNetwork.objects.values_list("network", flat=True))
         return Policy(domains=domains, valid_recipients=valid, trusted=trusted,
                       max_message_size=config.max_message_size, max_recipients=config.max_recipients,
-                      loaded_at=time.monotonic())
+                      checks=load_check_config(), loaded_at=time.monotonic())
     finally:
         close_old_connections()
 
@@ -173,14 +175,24 @@ def received_header(envelope: Envelope, message: Message) -> str:
 
 
 def log_refusal(*, reason: str, reply: str, client_ip: str | None, client_name: str = "", helo: str = "",
-                sender: str = "", recipient: str = "", checks: dict | None = None) -> None:
-    """One row in the mail log for an attempt refused at SMTP time, so that the daily totals count it."""
+                sender: str = "", recipient: str = "", checks: dict | None = None,
+                recipients: list[str] | None = None, data: bytes | None = None,
+                authenticated_as: str = "") -> None:
+    """One row in the mail log for an attempt refused at SMTP time, so that the daily totals count it.
+
+    A refusal after DATA (DMARC) passes all the recipients and the message, whose From, Subject and
+    Message-ID are logged (the message itself is not kept: it was refused).
+    """
     close_old_connections()
+    summary = summarise_headers(data) if data else {}
+    if data:
+        summary["size"] = len(data)
     message = Message.objects.create(
         node=settings.NODE_NAME, state=Message.State.REFUSED, client_ip=client_ip, client_name=client_name[:255],
         helo=helo[:255], envelope_sender=sender[:320], refusal_reason=reason, smtp_reply=reply[:512],
-        checks=checks or {}, completed_at=timezone.now())
-    if recipient:
-        Recipient.objects.create(message=message, address=recipient.lower()[:320], status=Recipient.Status.REFUSED,
-                                 reply_text=reply, domain=recipient.rsplit("@", 1)[-1].lower()[:253])
-
+        authenticated_as=authenticated_as[:150], checks=checks or {}, completed_at=timezone.now(), **summary)
+    addresses = list(recipients or []) + ([recipient] if recipient else [])
+    Recipient.objects.bulk_create([
+        Recipient(message=message, address=address.lower()[:320], status=Recipient.Status.REFUSED,
+                  reply_text=reply, domain=address.rsplit("@", 1)[-1].lower()[:253])
+        for address in dict.fromkeys(addresses)])

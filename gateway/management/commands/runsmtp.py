@@ -13,13 +13,27 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--listen", default=settings.SMTP_LISTEN, help="HOST:PORT (default %(default)s)")
+        parser.add_argument("--submission", default=settings.SMTP_SUBMISSION_LISTEN,
+                            help="HOST:PORT of the submission port (587: STARTTLS, then AUTH); default: "
+                                 "SMTP_SUBMISSION_LISTEN, empty for none")
+        parser.add_argument("--smtps", default=settings.SMTP_SMTPS_LISTEN,
+                            help="HOST:PORT of submission over implicit TLS (465, AUTH); default: "
+                                 "SMTP_SMTPS_LISTEN, empty for none")
         parser.add_argument("--uvloop", action="store_true", help="Use uvloop's event loop if installed")
 
-    def handle(self, *args, listen: str, uvloop: bool, **options):
+    @staticmethod
+    def _address(option: str, value: str, default_port: int) -> tuple[str, int] | None:
+        if not value:
+            return None
         try:
-            host, port = parse_host_port(listen, default_port=25)
+            return parse_host_port(value, default_port=default_port)
         except ValueError as exc:
-            raise CommandError(f"--listen: {exc}") from exc
+            raise CommandError(f"{option}: {exc}") from exc
+
+    def handle(self, *args, listen: str, submission: str, smtps: str, uvloop: bool, **options):
+        host, port = self._address("--listen", listen, 25)
+        submission_address = self._address("--submission", submission, 587)
+        smtps_address = self._address("--smtps", smtps, 465)
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every line at INFO
         if uvloop:
             try:
@@ -29,6 +43,8 @@ class Command(BaseCommand):
             except ImportError:
                 self.stderr.write("uvloop is not installed; using asyncio's own event loop")
         try:
-            asyncio.run(serve(host, port))
+            asyncio.run(serve(host, port, submission=submission_address, smtps=smtps_address))
         except OSError as exc:
-            raise CommandError(f"cannot listen on {host}:{port}: {exc}") from exc
+            raise CommandError(f"cannot listen: {exc}") from exc
+        except RuntimeError as exc:
+            raise CommandError(str(exc)) from exc
