@@ -8,7 +8,7 @@ log through `visible_to` (no roll-up scope exists per address).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.models import Message
 
@@ -42,6 +42,8 @@ class Viewer:
     role: str
     # Roll-up scopes that add up to this viewer's mail; None: read the raw log (through visible_to).
     scopes: tuple[str, ...] | None
+    # Users' numbers are computed from their own messages once per window and request (reports.stats).
+    live: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def uses_rollups(self) -> bool:

@@ -1,24 +1,25 @@
 """Numbers for the dashboard, the reports and the API, scoped to the viewer.
 
-Each function answers from the roll-ups for administrators and domain administrators (`Viewer.scopes`) and
-from the raw log, through `Message.objects.visible_to`, for users. Both paths return the same shapes, so
-pages and exports do not care which one answered.
+Each function answers from the roll-ups for administrators and domain administrators (`Viewer.scopes`) and,
+for users, from their own messages (through `Message.objects.visible_to`) rolled up on the fly by the same
+Python arithmetic the roll-up uses on SQLite (`reports.rollup.Accumulator`), once per window and request.
+Both paths return the same shapes, so pages and exports do not care which one answered.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from django.db.models import Count, Q, Sum
-from django.db.models.functions import Lower, TruncDate, TruncHour
+from django.db.models import Sum
+from django.db.models.functions import TruncDate, TruncHour
 from django.utils import timezone
 
-from gateway.models import Message, Recipient
+from gateway.models import Message
 
 from .models import DailyTop, RuleDescription, TrafficStat
-from .rollup import SCORE_MAX, SCORE_MIN, day_bounds, score_bucket
+from .rollup import SCORE_MAX, SCORE_MIN, Accumulator, day_bounds, iter_with_recipients
 from .scope import Viewer
 
 REFUSED = Message.State.REFUSED
@@ -47,25 +48,39 @@ class Period:
         return [self.start + timedelta(days=i) for i in range((self.end - self.start).days + 1)]
 
 
-def _accepted() -> Q:
-    return ~Q(state=REFUSED)
+class LiveRollup:
+    """The roll-up of one viewer's own messages over a window, computed on the fly (users have no rows).
+
+    Without `details` it leaves out recipients, rule hits and viruses, which only some reports need.
+    """
+
+    def __init__(self, viewer: Viewer, start: datetime, end: datetime, *, details: bool):
+        self.start, self.end, self.details = start, end, details
+        self.acc = Accumulator()
+        for message, recipients in iter_with_recipients(
+                viewer.messages().filter(received_at__gte=start, received_at__lt=end), details=details):
+            self.acc.add(message, recipients)
+
+    def covers(self, start: datetime, end: datetime, details: bool) -> bool:
+        return self.start <= start and end <= self.end and (self.details or not details)
 
 
-def _raw_counters() -> dict:
-    """The TrafficStat counters as aggregates over raw Message rows."""
-    accepted = _accepted()
-    refused = Q(state=REFUSED)
-    aggregates = {
-        "messages": Count("id", filter=accepted),
-        "quarantined": Count("id", filter=accepted & Q(quarantined=True)),
-        "volume": Sum("size", filter=accepted, default=0),
-        "refused": Count("id", filter=refused),
-    }
-    for verdict in VERDICT_COUNTERS:
-        aggregates[verdict] = Count("id", filter=accepted & Q(verdict=verdict))
-    for reason in ("unknown_user", "cant_resolve", "rbl", "relay_denied"):
-        aggregates[f"refused_{reason}"] = Count("id", filter=refused & Q(refusal_reason=reason))
-    return aggregates
+DETAIL_KINDS = {"recipient", "recipient_domain", "rule", "virus"}
+
+
+def _live(viewer: Viewer, start: datetime, end: datetime, *, details: bool = False) -> Accumulator:
+    for live in viewer.live:
+        if live.covers(start, end, details):
+            return live.acc
+    live = LiveRollup(viewer, start, end, details=details)
+    viewer.live.append(live)
+    return live.acc
+
+
+def warm(viewer: Viewer, period: Period, *, details: bool = False) -> None:
+    """Read a user's messages of the whole period once: the page's other numbers are parts of it."""
+    if not viewer.uses_rollups:
+        _live(viewer, *period.bounds, details=details)
 
 
 def _rollup_counters() -> dict:
@@ -77,14 +92,19 @@ def _empty() -> dict:
 
 
 def _traffic(viewer: Viewer, start: datetime, end: datetime, trunc) -> dict:
-    """Counters per truncated time (TruncDate or TruncHour), as {datetime-or-date: counters}."""
+    """Counters per truncated time (TruncDate or TruncHour), as {date-or-datetime: counters}."""
     if viewer.uses_rollups:
         qs = (TrafficStat.objects.filter(scope__in=viewer.scopes, hour__gte=start, hour__lt=end)
               .annotate(t=trunc("hour")).values("t").annotate(**_rollup_counters()).order_by())
-    else:
-        qs = (viewer.messages().filter(received_at__gte=start, received_at__lt=end)
-              .annotate(t=trunc("received_at")).values("t").annotate(**_raw_counters()).order_by())
-    return {row.pop("t"): row for row in qs}
+        return {row.pop("t"): row for row in qs}
+    found: dict = {}
+    for (hour, _, _), counters in _live(viewer, start, end).traffic.items():
+        if start <= hour < end:
+            local = timezone.localtime(hour)
+            row = found.setdefault(local.date() if trunc is TruncDate else local, _empty())
+            for name in COUNTERS:
+                row[name] += counters[name]
+    return found
 
 
 def traffic_by_day(viewer: Viewer, period: Period) -> list[dict]:
@@ -169,44 +189,15 @@ def top(viewer: Viewer, kind: str, period: Period, *, order: str = "count", limi
 
 
 def _raw_top(viewer: Viewer, kind: str, period: Period) -> list[dict]:
-    start, end = period.bounds
-    messages = viewer.messages().filter(received_at__gte=start, received_at__lt=end).order_by()
-    accepted = messages.filter(_accepted())
-    if kind in ("sender", "sender_domain"):
-        field = "envelope_sender" if kind == "sender" else "sender_domain"
-        qs = accepted.annotate(k=Lower(field)).values("k").annotate(count=Count("id"), volume=Sum("size"))
-        return [{"key": row["k"] or "<>", "count": row["count"], "volume": row["volume"] or 0, "score_sum": 0}
-                for row in qs]
-    if kind in ("recipient", "recipient_domain"):
-        field = "address" if kind == "recipient" else "domain"
-        qs = (Recipient.objects.filter(message__in=accepted.values("id")).annotate(k=Lower(field))
-              .values("k").annotate(count=Count("id"), volume=Sum("message__size")).order_by())
-        return [{"key": row["k"], "count": row["count"], "volume": row["volume"] or 0, "score_sum": 0}
-                for row in qs]
-    if kind == "refusal":
-        qs = messages.filter(state=REFUSED).values("refusal_reason").annotate(count=Count("id"))
-        return [{"key": row["refusal_reason"] or "other", "count": row["count"], "volume": 0, "score_sum": 0}
-                for row in qs]
-    counts: Counter = Counter()
-    volumes: Counter = Counter()
-    scores: dict[str, float] = defaultdict(float)
-    if kind == "score":
-        for score, size in accepted.filter(spam_score__isnull=False).values_list("spam_score", "size"):
-            key = str(score_bucket(score))
-            counts[key] += 1
-            volumes[key] += size
-    elif kind == "virus":
-        for names in accepted.values_list("virus_names", flat=True):
-            for name in set(names if isinstance(names, list) else []):
-                counts[str(name)] += 1
-    elif kind == "rule":
-        for rules in accepted.exclude(spam_rules=[]).values_list("spam_rules", flat=True):
-            for rule in rules if isinstance(rules, list) else []:
-                if isinstance(rule, dict) and rule.get("name"):
-                    counts[str(rule["name"])] += 1
-                    if isinstance(rule.get("score"), (int, float)):
-                        scores[str(rule["name"])] += rule["score"]
-    return [{"key": key, "count": n, "volume": volumes[key], "score_sum": scores[key]} for key, n in counts.items()]
+    sums: dict[str, list] = defaultdict(lambda: [0, 0, 0.0])
+    live = _live(viewer, *period.bounds, details=kind in DETAIL_KINDS)
+    for (day, _, top_kind, key), (count, volume, score_sum) in live.tops.items():
+        if top_kind == kind and period.start <= day <= period.end:
+            row = sums[key]
+            row[0] += count
+            row[1] += volume
+            row[2] += score_sum
+    return [{"key": key, "count": c, "volume": v, "score_sum": s} for key, (c, v, s) in sums.items()]
 
 
 def score_distribution(viewer: Viewer, period: Period) -> list[dict]:

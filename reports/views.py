@@ -61,6 +61,7 @@ def dashboard(request):
     viewer = viewer_for(request.user)
     today = stats.Period.last_days(1)
     month = stats.Period.last_days(30)
+    stats.warm(viewer, month)
     hourly = stats.traffic_by_hour(viewer, 24)
     daily = stats.traffic_by_day(viewer, month)
     scores = stats.score_distribution(viewer, month)
@@ -305,6 +306,7 @@ def report(request, slug: str):
     form = PeriodForm(request.GET or None)
     period = form.period()
     viewer = viewer_for(request.user)
+    stats.warm(viewer, period, details=slug in ("top-recipients", "top-recipient-domains", "viruses", "rules"))
     title = REPORTS[slug][0]
     context: dict = {"form": form, "period": period, "slug": slug, "title": title, "chart": None}
     if slug == "total-by-date":

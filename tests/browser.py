@@ -172,7 +172,14 @@ def screenshot(page, name: str) -> Path:
     """Save a full-page screenshot into docs/screenshots/ (committed, shown in the README)."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / name
-    page.screenshot(path=str(path), full_page=True)
+    # Grow the viewport to the whole page rather than full_page=True: Chromium paints a sandboxed (cross-origin)
+    # iframe blank in a full-page capture, and the message preview is one.
+    viewport = page.viewport_size
+    height = page.evaluate("document.documentElement.scrollHeight")
+    page.set_viewport_size({"width": viewport["width"], "height": max(height, viewport["height"])})
+    page.wait_for_timeout(400)
+    page.screenshot(path=str(path))
+    page.set_viewport_size(viewport)
     return path
 
 
