@@ -110,6 +110,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "gateway.context_processors.scanner_status",
             ],
         },
     },
@@ -171,6 +172,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "gateway.tasks.sweep", "schedule": envfloat("SWEEP_INTERVAL", "60")},
 }
+
+# Releasing a virus from the quarantine is for administrators; this lets domain administrators too.
+DOMAIN_ADMINS_RELEASE_VIRUSES = envbool("DOMAIN_ADMINS_RELEASE_VIRUSES", "False")
 
 # --- Scanners --------------------------------------------------------------------------------
 # Unset means that scan is off: the UI and the log say so on every message.

@@ -25,7 +25,7 @@ def may_release(message: Message, user) -> bool:
         return False
     if profile.role == "admin":
         return True
-    return profile.role == "domain_admin" and getattr(settings, "DOMAIN_ADMINS_RELEASE_VIRUSES", False)
+    return profile.role == "domain_admin" and settings.DOMAIN_ADMINS_RELEASE_VIRUSES
 
 
 @transaction.atomic
@@ -33,34 +33,43 @@ def release_message(message: Message, *, by=None, ip: str | None = None, recipie
                     to_address: str | None = None) -> bool:
     """Deliver a quarantined message, as stored and without scanning it again.
 
-    `recipients` picks some of the original recipients; `to_address` sends it to another address
-    instead. Returns False when it was no longer quarantined (already released or deleted).
+    `recipients` picks some of the original recipients (the others stay in quarantine); `to_address`
+    sends it to another address instead of the original recipients. Returns False when there was
+    nothing left to release (already released or deleted): a release clicked twice delivers once.
     """
     if not may_release(message, by):
         raise PermissionDenied("Only administrators may release a virus")
     if to_address is not None:
         to_address = to_address.strip()
         validate_email(to_address)
-    held = message.recipients.filter(status=Recipient.Status.QUARANTINED)
+    # The message row is the lock: two releases of one message are serialised here, and the second
+    # finds nothing held any more.
+    locked = Message.objects.select_for_update().filter(pk=message.pk).first()
+    if locked is None or locked.state != Message.State.QUARANTINED:
+        return False
+    held = locked.recipients.filter(status=Recipient.Status.QUARANTINED)
     if recipients:
         wanted = {r.strip().lower() for r in recipients}
         unknown = wanted - {r.lower() for r in held.values_list("address", flat=True)}
         if unknown:
             raise ValidationError(f"not a quarantined recipient of this message: {', '.join(sorted(unknown))}")
         held = held.filter(address__in=wanted)
-    # The claim: only one caller sees the quarantined state and goes on.
-    if not message.claim([Message.State.QUARANTINED], Message.State.RELEASED, quarantined=False):
+    if not held.exists():
         return False
     now = timezone.now()
     if to_address:
-        Recipient.objects.create(message=message, address=to_address.lower(), released=True,
-                                 verdict=message.verdict, status=Recipient.Status.PENDING, next_attempt_at=now)
+        Recipient.objects.create(message=locked, address=to_address.lower(), released=True,
+                                 verdict=locked.verdict, status=Recipient.Status.PENDING, next_attempt_at=now)
         released = [to_address.lower()]
+        # The original recipients do not get it: it went to the other address instead.
+        held.update(status=Recipient.Status.DELETED)
     else:
         released = list(held.values_list("address", flat=True))
         held.update(status=Recipient.Status.PENDING, released=True, next_attempt_at=now, claimed_at=None)
-    # Recipients not chosen stay where they were, no longer held: the message is out of quarantine.
-    message.recipients.filter(status=Recipient.Status.QUARANTINED).update(status=Recipient.Status.DELETED)
+    if not locked.recipients.filter(status=Recipient.Status.QUARANTINED).exists():
+        Message.objects.filter(pk=locked.pk).update(state=Message.State.RELEASED, quarantined=False,
+                                                    claimed_at=now)
+        message.state, message.quarantined = Message.State.RELEASED, False
     record_audit("release", user=by, ip=ip, message=message, recipients=released)
     queue.enqueue_delivery(message.pk)
     return True

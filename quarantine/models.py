@@ -65,7 +65,8 @@ class SenderListEntry(models.Model):
         verbose_name_plural = "allow/block list entries"
         ordering = ["scope", "kind", "sender"]
         constraints = [
-            models.UniqueConstraint(fields=["kind", "scope", "sender", "domain", "user"], name="unique_list_entry"),
+            models.UniqueConstraint(fields=["kind", "scope", "sender", "domain", "user"], name="unique_list_entry",
+                                    nulls_distinct=False),
         ]
 
     def __str__(self) -> str:
