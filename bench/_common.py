@@ -1,0 +1,342 @@
+"""Shared pieces of the benchmarks: child processes that are always cleaned up, a scratch PostgreSQL
+database, the product's management commands, CPU accounting from /proc, and the machine's description.
+
+Everything listens on 127.0.0.1; every wait is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+VENV = ROOT / ".venv"
+PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def reexec_in_venv(script: str) -> None:
+    """Run the script with the repository's virtualenv, whatever `python3` the shebang found."""
+    python = VENV / "bin" / "python"
+    if python.exists() and Path(sys.prefix).resolve() != VENV.resolve() and not os.environ.get("BENCH_REEXEC"):
+        os.environ["BENCH_REEXEC"] = "1"
+        os.execv(str(python), [str(python), script, *sys.argv[1:]])
+
+
+def log(*parts) -> None:
+    print("[bench]", *parts, file=sys.stderr, flush=True)
+
+
+# --- child processes -----------------------------------------------------------------------------------
+
+_children: list[subprocess.Popen] = []
+
+
+def _cleanup() -> None:
+    for proc in reversed(_children):
+        stop(proc, timeout=10)
+    _children.clear()
+
+
+def _on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def install_cleanup() -> None:
+    atexit.register(_cleanup)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
+
+
+def start(cmd: list[str], *, env: dict | None = None, log_name: str, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start a child in its own process group, its output in bench/results/<log_name>.log."""
+    RESULTS.mkdir(exist_ok=True)
+    out = open(RESULTS / f"{log_name}.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    proc.log_path = RESULTS / f"{log_name}.log"
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM to the child (a clean shutdown), then SIGKILL to its process group if it lingers."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group is the child's own (start_new_session)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    if proc in _children:
+        _children.remove(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_smtp(port: int, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Until the port greets with 220 (bounded); fail with the child's log if it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{proc.args[:3]} exited with {proc.returncode}; see {proc.log_path}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(512).startswith(b"220"):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"nothing greets on 127.0.0.1:{port} after {timeout}s")
+
+
+def run(cmd: list[str], *, env: dict | None = None, timeout: float = 600, check: bool = True) -> str:
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def manage(env: dict, *args: str, timeout: float = 600) -> str:
+    return run([sys.executable, "manage.py", *args], env=env, timeout=timeout)
+
+
+def product_env(**overrides: str) -> dict:
+    """The environment of the product's processes: this one, minus anything that would redirect them."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CELERY_BROKER_URL", "CELERY_TASK_ALWAYS_EAGER", "DATABASE_URL", "BENCH_REEXEC")}
+    env.update({"DJANGO_SETTINGS_MODULE": "appliance.settings", "PYTHONUNBUFFERED": "1"})
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def smtp_checks_off(env: dict) -> str:
+    """Switch off every SMTP-time check of issue 3 (`manage.py smtppolicy`), when this tree has them:
+    issue 2's figures are for intake alone, and greylisting would answer 451 to a benchmark's first tries."""
+    import json
+
+    done = subprocess.run([sys.executable, "manage.py", "smtppolicy", "show"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        return "no SMTP-time checks in this tree"
+    try:
+        policy = json.loads(done.stdout).get("policy", {})
+    except ValueError:
+        return "no SMTP-time checks in this tree"
+    actions = [f"{k}=off" for k in policy if k.endswith("_action")]
+    if actions:
+        manage(env, "smtppolicy", "set", *actions)
+    return f"SMTP-time checks off ({len(actions)} actions set to off)"
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------------
+
+def fresh_database(name: str) -> str:
+    """Drop and create a scratch database; its DATABASE_URL."""
+    import psycopg
+    from psycopg import sql
+
+    if not name.startswith("mailgate_bench"):
+        raise SystemExit(f"refusing to drop {name!r}: benchmark databases are named mailgate_bench*")
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def query(url: str, text: str, params=()) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        return conn.execute(text, params).fetchall()
+
+
+def pg_version() -> str:
+    try:
+        return query(PG_ADMIN_URL, "SHOW server_version")[0][0]
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({exc})"
+
+
+# --- CPU accounting --------------------------------------------------------------------------------------
+
+def _cpu_of(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads of the process
+
+
+def pids_by_name(*names: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in names:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def pids_postgres(dbname: str) -> list[int]:
+    """The PostgreSQL backends serving `dbname`, and the shared writers (WAL, checkpoints) that our
+    commits keep busy; not the backends of other databases (other people's tests on a shared machine)."""
+    pids = []
+    for pid in pids_by_name("postgres"):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+        except OSError:
+            continue
+        # "postgres: 15/main: USER DBNAME HOST(PORT) STATE", or "postgres: 15/main: walwriter"
+        if (len(words) >= 4 and words[3] == dbname) or words[-1:] in (["walwriter"], ["checkpointer"]) \
+                or words[-2:] == ["background", "writer"]:
+            pids.append(pid)
+    return pids
+
+
+def pids_in_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    pids.append(int(entry.name))
+            except (OSError, ProcessLookupError):
+                pass
+    return pids
+
+
+class CpuMeter:
+    """CPU seconds used by groups of processes between start() and stop().
+
+    groups: name -> a callable giving the pids now (processes that come and go, such as PostgreSQL
+    backends, are counted while they live; a backend's whole life falls inside a run here).
+    """
+
+    def __init__(self, groups: dict):
+        self.groups = groups
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        return {name: {pid: _cpu_of(pid) for pid in pids()} for name, pids in self.groups.items()}
+
+    def start(self) -> None:
+        self.before = self._sample()
+        self.machine_before = machine_busy()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        after = self._sample()
+        out = {}
+        for name, now in after.items():
+            before = self.before.get(name, {})
+            out[name] = round(sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items()), 3)
+        out["wall"] = round(time.perf_counter() - self.t0, 3)
+        out["machine"] = round(machine_busy() - self.machine_before, 3)
+        return out
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15, sample: float = 1.0) -> float:
+    """Wait (at most max_wait s) until the machine is nearly idle: other people's tests on a shared
+    machine would skew a run. Returns the busy fraction seen last (0..1 of all CPUs)."""
+    ncpu = len(os.sched_getaffinity(0))
+    deadline = time.monotonic() + max_wait
+    while True:
+        before = machine_busy()
+        time.sleep(sample)
+        busy = (machine_busy() - before) / (sample * ncpu)
+        if busy <= threshold or time.monotonic() >= deadline:
+            if busy > threshold:
+                log(f"the machine is still {busy:.0%} busy with other work; measuring anyway")
+            return busy
+
+
+# --- the machine ---------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import aiosmtpd
+
+        aiosmtpd_version = aiosmtpd.__version__
+    except Exception:  # noqa: BLE001
+        aiosmtpd_version = "?"
+    try:
+        import uvloop  # noqa: F401
+
+        have_uvloop = True
+    except ImportError:
+        have_uvloop = False
+    mem = ""
+    try:
+        total = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        mem = f"{int(total.split()[1]) // 1024} MiB"
+    except (OSError, StopIteration):
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgresql": pg_version(),
+        "aiosmtpd": aiosmtpd_version,
+        "uvloop_installed": have_uvloop,
+    }
+
+
+def print_machine(info: dict) -> None:
+    print(f"machine: {info['nproc']} CPU(s) ({info['cpu']}), {info['memory']}, Linux {info['kernel']}, "
+          f"Python {info['python']}, PostgreSQL {info['postgresql']}, aiosmtpd {info['aiosmtpd']}, "
+          f"uvloop {'installed' if info['uvloop_installed'] else 'not installed'}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def save_result(name: str, data: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
