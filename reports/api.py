@@ -56,7 +56,8 @@ def _error(status: int, text: str) -> JsonResponse:
 
 
 def _iso(value) -> str | None:
-    return value.isoformat() if value else None
+    # In the appliance's time zone (TIME_ZONE), with its offset: the pages show the same wall-clock times.
+    return timezone.localtime(value).isoformat() if value else None
 
 
 def message_summary(m: Message, request) -> dict:

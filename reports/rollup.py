@@ -283,6 +283,8 @@ class Accumulator:
         self.traffic: dict[tuple, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TrafficStat.COUNTERS, 0))
         self.tops: dict[tuple, list] = defaultdict(lambda: [0, 0, 0.0])  # (day, scope, kind, key) -> c, v, s
         self.descriptions: dict[str, tuple[str, float | None]] = {}
+        # Looked up once: timezone.localtime() per message costs more than the rest of add().
+        self.tz = timezone.get_current_timezone()
 
     def add(self, m: dict, rcpts: list[tuple[str, str]]) -> None:
         sender_domain = (m["sender_domain"] or "").lower()
@@ -291,7 +293,7 @@ class Accumulator:
             scopes |= ({sender_domain} & self.protected) | ({d for _, d in rcpts} & self.protected)
         received = m["received_at"]
         hour = received.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-        day = timezone.localtime(received).date()
+        day = received.astimezone(self.tz).date()
         size = m["size"] or 0
         refused = m["state"] == REFUSED
         rules = [r for r in (m.get("spam_rules") if isinstance(m.get("spam_rules"), list) else [])

@@ -308,7 +308,8 @@ def report(request, slug: str):
     viewer = viewer_for(request.user)
     stats.warm(viewer, period, details=slug in ("top-recipients", "top-recipient-domains", "viruses", "rules"))
     title = REPORTS[slug][0]
-    context: dict = {"form": form, "period": period, "slug": slug, "title": title, "chart": None}
+    shown_form = form if form.is_bound else PeriodForm(initial={"date_from": period.start, "date_to": period.end})
+    context: dict = {"form": shown_form, "period": period, "slug": slug, "title": title, "chart": None}
     if slug == "total-by-date":
         rows, total = stats.total_mail_by_date(viewer, period)
         context.update(rows=rows, total=total)

@@ -2,27 +2,37 @@
 
 Use from a test module (pytest imports fixtures by name):
 
-    from browser import browser, page, personas, login_as, make_message  # noqa: F401
+    from tests.browser import browser, page, personas, login_as, make_message  # noqa: F401
+
+(`from browser import …` works too: it is the same module.)
 
 - `personas`: an admin, a domain administrator of example.com, and two users (alice@ and bob@example.com);
   example.org is a second protected domain nobody but the admin sees.
 - `make_message(...)`: a logged Message with its Recipients (and RawMessage when `raw=` is given).
-- `browser` (session-wide) and `page` (one fresh context per test; `page.problems` records JavaScript
-  errors, console errors and dialogs, `page.problems.check()` asserts there were none), `login_as(page,
-  live_server, user)`, `screenshot(page, name)` and `canvas_is_drawn(page, selector)`.
+- `browser`: one Chromium for the whole session, however many modules import it.
+- `page`: a fresh context per test; `page.problems` records JavaScript errors, console errors and dialogs,
+  `page.problems.check()` asserts there were none.
+- `login_as(page, live_server, user)`, `screenshot(page, name)`, `canvas_is_drawn(page, selector)`.
 
 Chromium: /usr/bin/chromium (Debian's). Missing: the browser tests skip, unless CI is set, then they fail.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+# One module object whether it is imported as `browser` or as `tests.browser`: the shared Chromium below
+# must be shared by every test module, however each one spells the import.
+sys.modules.setdefault("browser", sys.modules[__name__])
+sys.modules.setdefault("tests.browser", sys.modules[__name__])
 
 # Playwright's sync API runs an event loop in this thread; Django then refuses sync ORM calls from it unless
 # told it is fine (the live server runs in its own thread, the test's ORM calls are ours).
@@ -108,18 +118,47 @@ def make_message(sender: str = "someone@sender.test", recipients=("alice@example
 
 # --- The browser -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def browser():
+_RUNTIME: dict = {}
+
+
+def shared_browser():
+    """The session's one Playwright and one Chromium, started by the first module that asks.
+
+    A session-scoped fixture imported into several test modules is several fixtures; each starting its own
+    Playwright fails ("Sync API inside the asyncio loop"), so they all get this one.
+    """
+    if "browser" not in _RUNTIME:
+        from playwright.sync_api import sync_playwright
+
+        playwright = sync_playwright().start()
+        _RUNTIME["playwright"] = playwright
+        _RUNTIME["browser"] = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    return _RUNTIME["browser"]
+
+
+@atexit.register
+def stop_shared_browser() -> None:
+    browser_ = _RUNTIME.pop("browser", None)
+    playwright = _RUNTIME.pop("playwright", None)
+    if browser_ is not None:
+        browser_.close()
+    if playwright is not None:
+        playwright.stop()
+
+
+def require_chromium() -> None:
     if not (os.path.exists(CHROMIUM) and shutil.which(CHROMIUM)):
         if on_ci():
             pytest.fail(f"{CHROMIUM} is missing and CI is set: install Debian's chromium")
         pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
+
+@pytest.fixture(scope="session")
+def browser(request):
+    require_chromium()
+    instance = shared_browser()
+    request.addfinalizer(stop_shared_browser)
+    return instance
 
 
 class PageProblems:

@@ -10,9 +10,9 @@ from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 
-from browser import make_message, personas  # noqa: F401  (fixtures)
 from reports.models import ApiToken
 from reports.rollup import refresh
+from tests.browser import make_message, personas  # noqa: F401  (fixtures)
 
 
 def token_client(user) -> tuple[Client, str]:

@@ -9,7 +9,9 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
-from browser import (  # noqa: F401  (fixtures)
+from gateway.models import Message
+from reports.rollup import refresh
+from tests.browser import (  # noqa: F401  (fixtures)
     browser,
     canvas_is_drawn,
     login_as,
@@ -18,8 +20,6 @@ from browser import (  # noqa: F401  (fixtures)
     personas,
     screenshot,
 )
-from gateway.models import Message
-from reports.rollup import refresh
 
 pytestmark = [pytest.mark.browser]
 

@@ -7,13 +7,13 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from browser import make_message, personas  # noqa: F401  (fixtures)
 from gateway.models import Message
 from reports import stats
 from reports.models import ALL_SCOPE, DailyTop, RollupState, RuleDescription, TrafficStat
 from reports.rollup import rebuild_days, refresh
 from reports.scope import Viewer, viewer_for
 from reports.tasks import rollup
+from tests.browser import make_message, personas  # noqa: F401  (fixtures)
 
 RULES = [{"name": "BAYES_99", "score": 3.5, "description": "Bayes spam probability is 99 to 100%"},
          {"name": "URIBL_BLACK", "score": 1.7, "description": "Contains an URL listed in the URIBL blacklist"}]
@@ -53,8 +53,8 @@ def raw_viewer(user) -> Viewer:
 
 def snapshot() -> tuple[list, list]:
     traffic = sorted(TrafficStat.objects.values_list("hour", "scope", "direction", *TrafficStat.COUNTERS))
-    tops = sorted((day, scope, kind, key, count, volume, round(score, 6)) for day, scope, kind, key, count, volume, score
-                  in DailyTop.objects.values_list("day", "scope", "kind", "key", "count", "volume", "score_sum"))
+    rows = DailyTop.objects.values_list("day", "scope", "kind", "key", "count", "volume", "score_sum")
+    tops = sorted((*row[:6], round(row[6], 6)) for row in rows)
     return traffic, tops
 
 

@@ -13,10 +13,10 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from browser import make_message, personas  # noqa: F401  (fixtures)
 from gateway.models import Message, Recipient
 from reports.models import DailyTop, TrafficStat
 from reports.rollup import refresh
+from tests.browser import make_message, personas  # noqa: F401  (fixtures)
 
 
 def client_for(user) -> Client:

@@ -7,8 +7,8 @@ from django.core.cache import cache
 from django.test import Client
 from django.urls import reverse
 
-from browser import PASSWORD, personas  # noqa: F401  (fixtures)
 from gateway.models import AuditEvent
+from tests.browser import PASSWORD, personas  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from browser import make_message, personas  # noqa: F401  (fixtures)
 from gateway.models import AuditEvent, Message
+from tests.browser import make_message, personas  # noqa: F401  (fixtures)
 
 MIDDLEWARE = "appliance.middleware.SecurityHeadersMiddleware"
 
@@ -195,8 +195,8 @@ def test_broken_mime_never_fails_the_page(personas):  # noqa: F811
         b"Content-Type: multipart/alternative; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/html\r\n"
         b"Content-Transfer-Encoding: base64\r\n\r\n!!!notbase64\r\n--b--",
         b"Received: garbage;;;\r\nAuthentication-Results: ;;;=;\r\n\r\nbody",
-        b"Content-Type: multipart/mixed; boundary=a\r\n\r\n" + b"--a\r\nContent-Type: multipart/mixed; boundary=a\r\n\r\n"
-        * 300,
+        b"Content-Type: multipart/mixed; boundary=a\r\n\r\n"
+        + b"--a\r\nContent-Type: multipart/mixed; boundary=a\r\n\r\n" * 300,
     ]
     admin = client_for(personas.admin)
     for raw in garbage:

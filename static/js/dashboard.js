@@ -45,10 +45,10 @@
 
   function row(m) {
     var tr = document.createElement("tr");
-    var when = new Date(m.received_at);
     var time = document.createElement("time");
     time.dateTime = m.received_at;
-    time.textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+    // The API gives the appliance's local time with its offset; show its wall clock, as the server-drawn rows.
+    time.textContent = m.received_at.slice(11, 19);
     var first = cell("", "nowrap");
     first.appendChild(time);
     tr.appendChild(first);

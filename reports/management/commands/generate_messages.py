@@ -120,6 +120,8 @@ class Generator:
             local_now = timezone.localtime(self.now)
             start = local_now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=day)
             when = start + timedelta(hours=hour, seconds=rng.randrange(3600), microseconds=rng.randrange(10**6))
+            if when.weekday() >= 5 and rng.random() < 0.45:
+                continue  # weekends are quieter
             if when <= self.now:
                 return when
 
