@@ -487,3 +487,34 @@ def checks_on_zones() -> dict:
     from tests.conftest import GOOD_ZONES
 
     return {name: list(records) for name, records in GOOD_ZONES.items()}
+
+
+# --- the cache of a busy MX ----------------------------------------------------------------------------------
+
+def test_answers_are_kept_for_the_cache_ttl(settings, checks_on, gateway_smtp, protected_domain, capture_server):
+    settings.SMTP_DNS_CACHE_TTL = 60
+    assert attempt(gateway_smtp)["data"][0] == 250
+    asked = len(checks_on.queries)
+    assert asked > 0
+    assert attempt(gateway_smtp)["data"][0] == 250
+    assert len(checks_on.queries) == asked  # the second message asked DNS nothing
+    first, second = Message.objects.exclude(state="refused").order_by("id")
+    for name in ("fcrdns", "helo", "sender_domain", "spf"):
+        assert second.checks[name]["result"] == first.checks[name]["result"] == "pass", name
+        assert second.checks[name].get("cached") is True, name
+    assert second.checks["dmarc"]["result"] == "pass"
+    heads = [m.data.split(b"\r\n\r\n")[0] for m in capture_server.wait_for(2)]
+    assert all(b"dmarc=pass" in head and b"Received-SPF: pass" in head for head in heads)
+
+
+def test_a_cached_listing_still_refuses(settings, checks_on, gateway_smtp, protected_domain):
+    settings.SMTP_DNS_CACHE_TTL = 60
+    DNSBLZone.objects.create(zone="bl.test.example", action="reject")
+    checks_on.add("1.0.0.127.bl.test.example", {"A": "127.0.0.2"})
+    assert attempt(gateway_smtp)["rcpt"][0][0] == 554
+    assert attempt(gateway_smtp)["rcpt"][0][0] == 554
+    second = Message.objects.filter(refusal_reason="rbl").order_by("id").last()
+    assert second.checks["dnsbl"]["cached"] is True
+    # A change of the policy is a new question: the zone's action now only scores.
+    DNSBLZone.objects.filter(zone="bl.test.example").update(action="score")
+    assert attempt(gateway_smtp)["data"][0] == 250

@@ -3,6 +3,7 @@ the allow/block lists, loaded with the rest of the server's policy (gateway.smtp
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -41,6 +42,7 @@ class CheckConfig:
     values: dict = field(default_factory=dict)  # SMTPPolicy's fields
     zones: tuple[Zone, ...] = ()
     list_patterns: tuple[str, ...] = ()  # sender patterns of all allow/block list entries
+    version: str = ""  # a digest of all the above: results decided under an equal configuration are reusable
 
     def __getattr__(self, name: str):
         try:
@@ -55,8 +57,17 @@ class CheckConfig:
         return float(self.values.get(f"{name}_score", 0.0))
 
 
+def _version(values: dict, zones: tuple, patterns: tuple) -> str:
+    text = repr((sorted((k, v) for k, v in values.items() if k != "id"), zones, patterns))
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def _config(values: dict, zones: tuple = (), patterns: tuple = ()) -> CheckConfig:
+    return CheckConfig(values=values, zones=zones, list_patterns=patterns, version=_version(values, zones, patterns))
+
+
 def defaults() -> CheckConfig:
-    return CheckConfig(values=model_to_dict(SMTPPolicy()))
+    return _config(model_to_dict(SMTPPolicy()))
 
 
 def load_check_config() -> CheckConfig:
@@ -68,7 +79,7 @@ def load_check_config() -> CheckConfig:
              tuple(ipaddress.ip_network(a, strict=False) for a in z.answers.replace(",", " ").split()))
         for z in DNSBLZone.objects.filter(enabled=True).exclude(action=CheckAction.OFF))
     patterns = tuple(sorted(set(SenderListEntry.objects.values_list("sender", flat=True))))
-    return CheckConfig(values=values, zones=zones, list_patterns=patterns)
+    return _config(values, zones, patterns)
 
 
 @lru_cache(maxsize=1)

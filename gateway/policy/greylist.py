@@ -47,6 +47,10 @@ class Greylist:
     def __init__(self):
         self.passed = ExpiringSet(PASSED_CACHE_SECONDS, size=200_000)
 
+    def known(self, ip: str, sender: str, recipient: str, *, ipv4_prefix: int = 24, ipv6_prefix: int = 64) -> bool:
+        """Did this triplet pass on this node within the hour? (No database: safe on the event loop.)"""
+        return triplet_key(client_network(ip, ipv4_prefix, ipv6_prefix), sender, recipient) in self.passed
+
     def check(self, ip: str, sender: str, recipient: str, *, delay: int, retry_window_hours: int,
               lifetime_days: int, ipv4_prefix: int = 24, ipv6_prefix: int = 64, now=None) -> Verdict:
         """The verdict for one attempt, recorded. Synchronous (database): run it in the thread pool."""

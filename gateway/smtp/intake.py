@@ -79,6 +79,13 @@ class PolicyCache:
         """The snapshot in hand, without touching the database (safe on the event loop)."""
         return self._policy
 
+    def fresh(self) -> Policy | None:
+        """The snapshot in hand if it is younger than the TTL: the caller need not go to a thread for it."""
+        policy = self._policy
+        if policy is not None and time.monotonic() - policy.loaded_at < self.ttl:
+            return policy
+        return None
+
     def get(self) -> Policy:
         with self._lock:
             policy = self._policy

@@ -345,6 +345,7 @@ class GatewayHandler:
         self._resolver: CachingResolver | None = None
         self._resolver_key: tuple | None = None
         self._spf_cache: checks.ResultCache | None = None
+        self._results: checks.ResultCache | None = None
 
     # --- shared pieces ---------------------------------------------------------------------------------
 
@@ -356,6 +357,7 @@ class GatewayHandler:
         if self._resolver is None or key != self._resolver_key:
             self._resolver = CachingResolver(list(key[0]), key[1], key[2], ttl=key[3])
             self._spf_cache = checks.ResultCache(key[3])
+            self._results = checks.ResultCache(key[3])
             self._resolver_key = key
         return self._resolver
 
@@ -368,7 +370,8 @@ class GatewayHandler:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(func, *args, **kwargs))
 
     async def policy(self) -> Policy:
-        return await self.run_sync(self.policy_cache.get)
+        # A snapshot younger than its TTL is used at once; an older one is reloaded in a thread.
+        return self.policy_cache.fresh() or await self.run_sync(self.policy_cache.get)
 
     def config(self) -> CheckConfig:
         """The check configuration of the snapshot in hand (never waits on the database)."""
@@ -419,6 +422,30 @@ class GatewayHandler:
     def start_check(self, conn: Connection, name: str, reason: str, coro) -> asyncio.Task:
         return conn.start(self._guarded(name, reason, coro))
 
+    def known(self, name: str, key, config: CheckConfig) -> CheckResult | None:
+        """A result of this check for the same question, decided under the same configuration, less than
+        SMTP_DNS_CACHE_TTL seconds ago: a busy MX hears from the same clients all the time."""
+        _ = self.resolver
+        entry = self._results.get((name, key))
+        if entry is None or entry[0] != config.version:
+            return None
+        result = entry[1]
+        return CheckResult(result.name, result.result, result.action, 0.0, {**result.detail, "cached": True},
+                           result.reply, result.reason, result.score)
+
+    def cached_check(self, conn: Connection, name: str, reason: str, key, config: CheckConfig, coro_factory):
+        """The check's result from the cache, or a task that computes (and caches) it."""
+        found = self.known(name, key, config)
+        if found is not None:
+            return found
+
+        async def compute() -> CheckResult:
+            result = await coro_factory()
+            if result.result != "temperror" and result.result != "error":
+                self._results.put((name, key), (config.version, result))
+            return result
+
+        return self.start_check(conn, name, reason, compute())
     @staticmethod
     async def _guarded(name: str, reason: str, coro) -> CheckResult:
         started = time.monotonic()
@@ -512,12 +539,13 @@ class GatewayHandler:
                 return await self._refuse_connection(server, result)
             conn.results.append(result)
         if conn.mode == MX and dns_checks_enabled():
+            resolver = self.resolver
             if config.fcrdns_action != CheckAction.OFF:
-                conn.pending.append(self.start_check(conn, "fcrdns", Refusal.REVERSE_DNS,
-                                                     checks.fcrdns(self.resolver, ip, config)))
+                self._collect(conn.pending, conn.results, self.cached_check(
+                    conn, "fcrdns", Refusal.REVERSE_DNS, ip, config, lambda: checks.fcrdns(resolver, ip, config)))
             if config.zones:
-                conn.pending.append(self.start_check(conn, "dnsbl", Refusal.RBL,
-                                                     checks.dnsbl(self.resolver, ip, config)))
+                self._collect(conn.pending, conn.results, self.cached_check(
+                    conn, "dnsbl", Refusal.RBL, ip, config, lambda: checks.dnsbl(resolver, ip, config)))
         action = config.early_talker_action
         if conn.mode == MX and action != CheckAction.OFF:
             started = time.monotonic()
@@ -538,6 +566,10 @@ class GatewayHandler:
                 conn.results.append(CheckResult("early_talker", "pass", seconds=time.monotonic() - started,
                                                 detail={"waited": delay}))
         return True
+
+    @staticmethod
+    def _collect(pending: list, results: list, found) -> None:
+        (results if isinstance(found, CheckResult) else pending).append(found)
 
     async def _refuse_connection(self, server: GatewaySMTP, result: CheckResult) -> bool:
         server.conn.results.append(result)
@@ -563,8 +595,9 @@ class GatewayHandler:
                 hostname, conn.client_ip, conn.local_ip, self.our_names(policy), config))
         if config.values.get("helo_action", CheckAction.OFF) != CheckAction.OFF:
             resolver = self.resolver if dns_checks_enabled() else None
-            session.helo_pending.append(self.start_check(
-                conn, "helo", Refusal.HELO, checks.helo(resolver, hostname, conn.client_ip, config)))
+            self._collect(session.helo_pending, session.helo_results, self.cached_check(
+                conn, "helo", Refusal.HELO, (hostname, conn.client_ip, resolver is not None), config,
+                lambda: checks.helo(resolver, hostname, conn.client_ip, config)))
 
     async def handle_HELO(self, server, session, envelope, hostname):
         session.host_name = hostname
@@ -613,13 +646,23 @@ class GatewayHandler:
         envelope.mail_from = str(parsed) or "<>"
         envelope.mail_options.extend(mail_options)
         if not txn.exempt and conn.mode == MX and ip and dns_checks_enabled():
-            sender = str(parsed)
+            sender, resolver = str(parsed), self.resolver
             if parsed.domain and config.sender_domain_action != CheckAction.OFF:
-                txn.pending.append(self.start_check(conn, "sender_domain", Refusal.CANT_RESOLVE, checks.sender_domain(
-                    self.resolver, sender, parsed.domain, config)))
+                self._collect(txn.pending, txn.results, self.cached_check(
+                    conn, "sender_domain", Refusal.CANT_RESOLVE, sender.lower(), config,
+                    lambda: checks.sender_domain(resolver, sender, parsed.domain, config)))
             if any(config.values.get(f"spf_{r}_action") != CheckAction.OFF for r in checks.SPF_RESULT_NAMES):
-                txn.pending.append(self.start_check(conn, "spf", Refusal.SPF, self._spf(
-                    txn, ip, sender, session.host_name or "", config)))
+                helo = session.host_name or ""
+                found = self.spf_cache.get(checks.spf_key(ip, sender, helo))
+                if found is not None:
+                    txn.spf = found
+                    txn.added_headers.append(found.header + "\r\n")
+                    result = checks.spf_outcome(found, ip, sender, helo, config, 0.0)
+                    result.detail["cached"] = True
+                    txn.results.append(result)
+                else:
+                    txn.pending.append(self.start_check(conn, "spf", Refusal.SPF,
+                                                        self._spf(txn, ip, sender, helo, config)))
         return "250 2.1.0 Sender OK"
 
     async def _spf(self, txn: Transaction, ip: str, sender: str, helo: str, config: CheckConfig) -> CheckResult:
@@ -745,6 +788,11 @@ class GatewayHandler:
         if action == CheckAction.OFF or not settings.SMTP_GREYLISTING or not session.client_ip:
             return ""
         started = time.monotonic()
+        if self.greylist.known(session.client_ip, envelope_sender(envelope), recipient,
+                               ipv4_prefix=config.greylist_ipv4_prefix, ipv6_prefix=config.greylist_ipv6_prefix):
+            txn.greylist[recipient] = "known"
+            txn.greylist_seconds += time.monotonic() - started
+            return ""
         verdict = await self.run_sync(
             self.greylist.check, session.client_ip, envelope_sender(envelope), recipient,
             delay=config.greylist_delay, retry_window_hours=config.greylist_retry_window_hours,
@@ -785,8 +833,7 @@ class GatewayHandler:
                          for name in ("dkim", "dmarc_reject", "dmarc_quarantine"))
             if wanted or txn.spf is not None:
                 try:
-                    more, header = await asyncio.to_thread(
-                        checks.authenticate_message, data, txn.spf, self.resolver, config, settings.SMTP_HOSTNAME)
+                    more, header = await self._authenticate(data, txn, config)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("DKIM/DMARC failed")
                     more, header = [CheckResult("dmarc", "error", detail={"error": str(exc)[:200]})], ""
@@ -816,6 +863,26 @@ class GatewayHandler:
         log.info("queued %s from <%s> to %d recipient(s), %d bytes", message.queue_id, intake.sender,
                  len(intake.recipients), len(data))
         return f"250 2.0.0 Ok: queued as {message.queue_id}"
+
+    async def _authenticate(self, data: bytes, txn: Transaction, config: CheckConfig) -> tuple[list, str]:
+        """DKIM and DMARC. An unsigned message whose DMARC records the resolver has (or can fetch here,
+        without blocking) is judged on the event loop; a signed one (key lookups, RSA) in a thread."""
+        resolver = self.resolver
+        domains = checks.header_from_domains(data)
+        inline = resolver.cache.ttl > 0 and not checks.is_signed(data)
+        if inline:
+            try:
+                for domain in domains[:5]:
+                    names = checks.dmarc_names(domain)
+                    found = await resolver.lookup_txt(names[0])
+                    if not any(r.replace(" ", "").startswith("v=DMARC1") for r in found) and len(names) > 1:
+                        await resolver.lookup_txt(names[1])
+            except TemporaryDNSError:
+                inline = False  # not in the cache: the evaluation would block on DNS
+        if inline:
+            return checks.authenticate_message(data, txn.spf, resolver, config, settings.SMTP_HOSTNAME, domains)
+        return await asyncio.to_thread(checks.authenticate_message, data, txn.spf, resolver, config,
+                                       settings.SMTP_HOSTNAME, domains)
 
     async def handle_exception(self, error: Exception) -> str:
         log.exception("SMTP session error", exc_info=error)

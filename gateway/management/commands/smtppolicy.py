@@ -13,7 +13,7 @@ class Command(BaseCommand):
             "DNSBL zones, purge or pre-pass greylisting triplets. For scripts; the admin edits the same rows.")
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="action", required=True)
+        sub = parser.add_subparsers(dest="command", required=True)
         sub.add_parser("show", help="print the policy and the DNSBL zones as JSON")
         set_ = sub.add_parser("set", help="set fields: e.g. spf_softfail_action=reject greylist_delay=120")
         set_.add_argument("assignments", nargs="+", metavar="FIELD=VALUE")
@@ -31,8 +31,8 @@ class Command(BaseCommand):
         passed.add_argument("recipient")
         sub.add_parser("greylist-purge", help="forget expired greylisting triplets")
 
-    def handle(self, *args, action: str, **options):
-        getattr(self, "do_" + action.replace("-", "_"))(**options)
+    def handle(self, *args, command: str, **options):
+        getattr(self, "do_" + command.replace("-", "_"))(**options)
 
     def do_show(self, **_):
         policy = model_to_dict(SMTPPolicy.load())
