@@ -90,6 +90,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "appliance.middleware.SecurityHeadersMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -171,6 +172,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "gateway.tasks.sweep", "schedule": envfloat("SWEEP_INTERVAL", "60")},
+    "rollup": {"task": "reports.tasks.rollup", "schedule": envfloat("ROLLUP_INTERVAL", "60")},
+    "housekeeping": {"task": "gateway.tasks.housekeeping", "schedule": 3600.0},
 }
 
 # Releasing a virus from the quarantine is for administrators; this lets domain administrators too.

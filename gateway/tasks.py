@@ -114,6 +114,19 @@ def purge_expired(now=None, batch: int = 1000) -> int:
 
 
 @shared_task(ignore_result=True)
+def housekeeping() -> dict:
+    """Hourly: forget expired greylisting triplets and expired recipient call-ahead answers."""
+    from gateway.models import RecipientVerification, SMTPPolicy
+    from gateway.policy import greylist
+
+    policy = SMTPPolicy.load()
+    triplets = greylist.purge(retry_window_hours=policy.greylist_retry_window_hours,
+                              lifetime_days=policy.greylist_lifetime_days)
+    answers = RecipientVerification.objects.filter(expires_at__lt=timezone.now()).delete()[0]
+    return {"greylist": triplets, "callahead": answers}
+
+
+@shared_task(ignore_result=True)
 def sweep() -> dict:
     """Re-enqueue what is due and what a lost task left behind (run by beat every minute)."""
     scans, deliveries = due_work()

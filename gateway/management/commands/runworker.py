@@ -36,7 +36,7 @@ class Command(BaseCommand):
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
         signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
-        last_housekeeping = 0.0
+        last_housekeeping = last_hourly = 0.0
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="worker") as pool:
             while not stopping:
                 try:
@@ -49,6 +49,9 @@ class Command(BaseCommand):
                         last_housekeeping = time.monotonic()
                         tasks.purge_expired()
                         self._rollup()
+                    if time.monotonic() - last_hourly > 3600:
+                        last_hourly = time.monotonic()
+                        tasks.housekeeping()
                 except Exception:
                     log.exception("worker pass failed; trying again")
                 finally:
