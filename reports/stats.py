@@ -58,7 +58,8 @@ class LiveRollup:
         self.start, self.end, self.details = start, end, details
         self.acc = Accumulator()
         for message, recipients in iter_with_recipients(
-                viewer.messages().filter(received_at__gte=start, received_at__lt=end), details=details):
+                viewer.messages().filter(received_at__gte=start, received_at__lt=end), details=details,
+                stream=False):
             self.acc.add(message, recipients)
 
     def covers(self, start: datetime, end: datetime, details: bool) -> bool:

@@ -266,7 +266,13 @@ class Command(BaseCommand):
             self.stdout.write(f"\r{done}/{count} messages ({rate:,.0f}/s)", ending="")
             self.stdout.flush()
         self.stdout.write("")
-        if connection.vendor == "postgresql":
+        if connection.vendor == "postgresql" and not connection.in_atomic_block:
+            # VACUUM too, not only ANALYZE: it sets the visibility map that index-only scans need, which
+            # autovacuum would otherwise do some time after a bulk load.
+            with connection.cursor() as cursor:
+                cursor.execute("VACUUM ANALYZE gateway_message")
+                cursor.execute("VACUUM ANALYZE gateway_recipient")
+        elif connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("ANALYZE gateway_message")
                 cursor.execute("ANALYZE gateway_recipient")
