@@ -22,6 +22,9 @@ from tests.browser import (  # noqa: F401  (fixtures)
 )
 
 pytestmark = [pytest.mark.browser]
+# Waits are selectors, not wait_for_function: Playwright polls a function with eval(), which the pages' CSP
+# (no 'unsafe-eval') refuses, as it should.
+CHARTS_READY = "html[data-charts-ready='1']"
 
 SPAM_RAW = (b"Received: from mail.bulk-offers.top (mail.bulk-offers.top [203.0.113.45])\r\n"
             b"\tby gw1.example.com with ESMTP id 7F3A2B; Tue, 1 Dec 2026 09:12:03 +0000\r\n"
@@ -81,7 +84,7 @@ def realistic_mail(personas, transactional_db):  # noqa: F811
 def test_admin_dashboard_charts_draw(page, live_server, personas, realistic_mail):  # noqa: F811
     login_as(page, live_server, personas.admin)
     page.goto(f"{live_server.url}/")
-    page.wait_for_function("document.documentElement.dataset.chartsReady === '1'")
+    page.wait_for_selector(CHARTS_READY, state="attached")
     page.wait_for_timeout(600)  # the charts' short animation
     for canvas in ("#chart-hourly", "#chart-daily", "#chart-scores"):
         assert canvas_is_drawn(page, canvas), f"{canvas} is blank"
@@ -97,7 +100,7 @@ def test_dashboard_refreshes_latest_messages(page, live_server, personas, realis
     make_message("late@sender.test", ["alice@example.com"], subject="Arrived just now", ago=timedelta(0))
     # The page polls every 15 s, and at once when it becomes visible again.
     page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
-    page.wait_for_function("document.getElementById('latest-body').textContent.includes('Arrived just now')")
+    page.locator("#latest-body").get_by_text("Arrived just now").wait_for()
     page.problems.check()
 
 
@@ -122,7 +125,7 @@ def test_message_log_and_reports(page, live_server, personas, realistic_mail):  
     assert page.locator("table.mailwatch tfoot th").first.inner_text() == "Total"
     screenshot(page, "reports.png")
     page.goto(f"{live_server.url}/reports/hourly/")
-    page.wait_for_function("document.documentElement.dataset.chartsReady === '1'")
+    page.wait_for_selector(CHARTS_READY, state="attached")
     page.wait_for_timeout(600)
     assert canvas_is_drawn(page, "#report-chart")
     page.problems.check()
@@ -153,7 +156,7 @@ def test_hostile_message_is_text_and_nothing_runs(page, live_server, personas, r
     assert "Body" in frame.locator("body").inner_text()
     page.wait_for_timeout(500)  # give anything that might run the time to
     page.goto(f"{live_server.url}/")
-    page.wait_for_function("document.documentElement.dataset.chartsReady === '1'")
+    page.wait_for_selector(CHARTS_READY, state="attached")
     page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # the polled rows too
     page.wait_for_timeout(800)
     assert XSS_SUBJECT in page.locator("#latest-body").inner_text()
@@ -182,7 +185,7 @@ def test_phone_layout(browser, live_server, personas, realistic_mail):  # noqa: 
     try:
         login_as(phone, live_server, personas.admin)
         phone.goto(f"{live_server.url}/")
-        phone.wait_for_function("document.documentElement.dataset.chartsReady === '1'")
+        phone.wait_for_selector(CHARTS_READY, state="attached")
         assert not phone.locator("nav.nav").is_visible()  # folded behind the menu button
         phone.click("label.nav-toggle-label")
         assert phone.locator("nav.nav a:has-text('Messages')").is_visible()
