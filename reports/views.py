@@ -109,6 +109,8 @@ def message_log(request):
     return render(request, "reports/message_log.html", {
         "form": form, "page": page, "filter_query": query,
         "saved_filters": SavedFilter.objects.filter(user=request.user),
+        # States that go without saying next to the verdict; any other (deferred, bounced…) is shown.
+        "usual_states": ("delivered", "quarantined", "refused", "deleted"),
         "next_query": _with(request.GET, after=page.next_cursor) if page.next_cursor else "",
         "prev_query": _with(request.GET, before=page.prev_cursor) if page.prev_cursor else "",
     })

@@ -10,6 +10,10 @@ from reports.scope import role_of
 
 register = template.Library()
 
+SHORT_STATES = {"received": "waiting", "scanning": "scanning", "scan_deferred": "scan deferred",
+                "delivering": "delivering", "delivered": "delivered", "partial": "partly delivered",
+                "bounced": "bounced", "quarantined": "quarantined", "released": "released", "deleted": "deleted",
+                "refused": "refused"}
 BADGE_CLASSES = {"clean": "clean", "spam": "spam", "high_spam": "high-spam", "virus": "virus",
                  "blocked_attachment": "blocked", "blocked_sender": "blocked-sender"}
 
@@ -38,7 +42,8 @@ def verdict_badge(message) -> str:
         reason = message.get_refusal_reason_display() if message.refusal_reason else "Refused"
         return format_html('<span class="badge badge-refused" title="Refused at SMTP time">{}</span>', reason)
     if not message.verdict:
-        return format_html('<span class="badge badge-pending">{}</span>', message.get_state_display())
+        return format_html('<span class="badge badge-pending" title="{}">{}</span>', message.get_state_display(),
+                           short_state(message.state))
     return format_html('<span class="badge badge-{}">{}</span>', BADGE_CLASSES.get(message.verdict, "other"),
                        message.get_verdict_display())
 
@@ -46,3 +51,9 @@ def verdict_badge(message) -> str:
 @register.filter
 def score(value) -> str:
     return "" if value is None else f"{value:.1f}"
+
+
+@register.filter
+def short_state(state: str) -> str:
+    """A message state in a word or two, for badges (the full label goes in their title)."""
+    return SHORT_STATES.get(state, state.replace("_", " "))
