@@ -157,6 +157,15 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
 
+# The cache (login throttling, page fragments) must be shared by all web processes: Redis when
+# CACHE_URL is set, else files in DATA_DIR (one machine).
+CACHE_URL = os.getenv("CACHE_URL", "")
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+    if CACHE_URL else
+    {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(DATA_DIR / "cache")}
+}
+
 # --- Tasks -----------------------------------------------------------------------------------
 # With a broker, Celery workers run scan / deliver / release and beat runs the sweeper.
 # Without one, `manage.py runworker` (started by `make run`) takes the due work from the

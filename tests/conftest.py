@@ -300,3 +300,12 @@ def insecure_tls():
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """The cache is shared by processes (login throttling): each test starts with an empty one."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
