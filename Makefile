@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export DJANGO_SETTINGS_MODULE := appliance.settings
 
-.PHONY: help run test lint migrate superuser services bench clean
+.PHONY: help run test screenshots lint migrate superuser services bench clean
 
 help:  ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ TEST_DATABASE_URL ?= $(shell python3 -c 'import socket; s = socket.socket(); s.s
 
 test: $(VENV)/.installed  ## run the whole test suite (services it finds are used; with CI set, all are required)
 	DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) -m pytest $(PYTEST_ARGS)
+
+screenshots: $(VENV)/.installed  ## retake docs/screenshots/ from the browser tests
+	UPDATE_SCREENSHOTS=1 DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) -m pytest -m browser $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed  ## ruff
 	$(VENV)/bin/ruff check .

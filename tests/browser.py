@@ -23,6 +23,7 @@ import atexit
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,7 +42,10 @@ os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+# The committed screenshots are rewritten only on purpose (`make screenshots`); other runs write them into
+# a scratch folder, so that the capture still runs without leaving the work tree modified.
+SCREENSHOTS = (Path(__file__).resolve().parent.parent / "docs" / "screenshots" if os.getenv("UPDATE_SCREENSHOTS")
+               else Path(tempfile.gettempdir()) / "mailgate-screenshots")
 PASSWORD = "correct-horse-battery-staple-42"
 
 
