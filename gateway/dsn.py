@@ -6,9 +6,9 @@ another one), logged and delivered like any other, without a scan.
 
 from __future__ import annotations
 
+import email.policy
 import email.utils
 import re
-import email.policy
 from email.message import EmailMessage
 
 from django.conf import settings
