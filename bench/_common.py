@@ -186,11 +186,13 @@ def pg_version() -> str:
 # --- CPU accounting --------------------------------------------------------------------------------------
 
 def _cpu_of(pid: int) -> float:
+    """CPU seconds of a process (all its threads) and of its children that exited and were reaped: spamd
+    and Celery replace their children now and then, whose CPU then moves to the parent's count."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads of the process
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK  # utime, stime, cutime, cstime
 
 
 def pids_by_name(*names: str) -> list[int]:
@@ -236,18 +238,20 @@ def pids_in_group(pgid: int) -> list[int]:
 class CpuMeter:
     """CPU seconds used by groups of processes between start() and stop().
 
-    groups: name -> a callable giving the pids now (processes that come and go, such as PostgreSQL
-    backends, are counted while they live; a backend's whole life falls inside a run here).
+    groups: name -> a callable giving the pids now. A group is counted as the sum of its processes'
+    CPU, their reaped children included, at the start and at the end; the PostgreSQL backends of a
+    benchmark's database live through the whole run (persistent connections).
     """
 
     def __init__(self, groups: dict):
         self.groups = groups
 
-    def _sample(self) -> dict[str, dict[int, float]]:
-        return {name: {pid: _cpu_of(pid) for pid in pids()} for name, pids in self.groups.items()}
+    def _sample(self) -> dict[str, dict[int, tuple[float, int]]]:
+        return {name: {pid: (_cpu_of(pid), _ppid_of(pid)) for pid in pids()} for name, pids in self.groups.items()}
 
     def start(self) -> None:
         self.before = self._sample()
+        self.all_before = _all_cpu()
         self.machine_before = machine_busy()
         self.t0 = time.perf_counter()
 
@@ -255,11 +259,42 @@ class CpuMeter:
         after = self._sample()
         out = {}
         for name, now in after.items():
+            # A child that exits meanwhile moves its whole CPU to its parent (when the parent is ours: spamd,
+            # Celery): subtract what it had at the start. One that nobody of ours reaps (a PostgreSQL backend
+            # that closes) is left out.
             before = self.before.get(name, {})
-            out[name] = round(sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items()), 3)
+            used = sum(cpu for cpu, _ in now.values())
+            used -= sum(cpu for pid, (cpu, ppid) in before.items() if pid in now or ppid in now)
+            out[name] = round(used, 3)
         out["wall"] = round(time.perf_counter() - self.t0, 3)
         out["machine"] = round(machine_busy() - self.machine_before, 3)
+        # Who else used the CPUs meanwhile (other people's work on a shared machine), for the record.
+        ours = {pid for pids in after.values() for pid in pids}
+        others = {pid: cpu - self.all_before.get(pid, (0.0, ""))[0] for pid, (cpu, _) in _all_cpu().items()
+                  if pid not in ours}
+        all_now = _all_cpu()
+        self.top_others = [(round(v, 2), all_now.get(pid, (0, "?"))[1]) for pid, v in
+                           sorted(others.items(), key=lambda kv: -kv[1])[:5] if v > 0.2]
         return out
+
+
+def _ppid_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _all_cpu() -> dict[int, tuple[float, str]]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80]
+            except OSError:
+                continue
+            out[int(entry.name)] = (_cpu_of(int(entry.name)), cmd)
+    return out
 
 
 def machine_busy() -> float:
