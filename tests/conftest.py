@@ -309,3 +309,9 @@ def _fresh_cache():
 
     cache.clear()
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests last: Playwright's sync API keeps an event loop running in the main thread for as
+    long as its browser lives (one per session), and asyncio.run() refuses to start inside it."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
