@@ -109,7 +109,8 @@ class GatewayServer:
         async def main():
             self.stop_event = asyncio.Event()
             ready = asyncio.Event()
-            task = asyncio.ensure_future(serve("127.0.0.1", self.port, ready=ready, stop=self.stop_event, grace=5))
+            task = asyncio.ensure_future(serve("127.0.0.1", self.port, ready=ready, stop=self.stop_event, grace=5,
+                                               **self.serve_options()))
             await ready.wait()
             self.ready.set()
             await task
@@ -119,6 +120,9 @@ class GatewayServer:
         except BaseException as exc:  # noqa: BLE001
             self.error = exc
             self.ready.set()
+
+    def serve_options(self) -> dict:
+        return {}
 
     def start(self) -> GatewayServer:
         self.thread.start()
@@ -245,26 +249,8 @@ class PolicyGatewayServer(GatewayServer):
         self.submission_port = free_port()
         self.smtps_port = free_port()
 
-    def _run(self) -> None:
-        from gateway.smtp.server import serve
-
-        asyncio.set_event_loop(self.loop)
-
-        async def main():
-            self.stop_event = asyncio.Event()
-            ready = asyncio.Event()
-            task = asyncio.ensure_future(serve("127.0.0.1", self.port, submission=("127.0.0.1", self.submission_port),
-                                               smtps=("127.0.0.1", self.smtps_port), ready=ready,
-                                               stop=self.stop_event, grace=5))
-            await ready.wait()
-            self.ready.set()
-            await task
-
-        try:
-            self.loop.run_until_complete(main())
-        except BaseException as exc:  # noqa: BLE001
-            self.error = exc
-            self.ready.set()
+    def serve_options(self) -> dict:
+        return {"submission": ("127.0.0.1", self.submission_port), "smtps": ("127.0.0.1", self.smtps_port)}
 
     def submission(self) -> smtplib.SMTP:
         return smtplib.SMTP("127.0.0.1", self.submission_port, local_hostname="laptop.example.org", timeout=60)
