@@ -23,6 +23,7 @@ import logging
 import re
 import signal
 import ssl
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -970,5 +971,28 @@ async def serve(host: str, port: int, *, submission: tuple[str, int] | None = No
             connection.transport.close()
     for server in servers:
         await server.wait_closed()
-    handler.pool.shutdown(wait=True)
+    close_pool_connections(handler.pool)
     log.info("SMTP stopped")
+
+
+def close_pool_connections(pool: ThreadPoolExecutor) -> None:
+    """Close the database connection of every pool thread, then the pool.
+
+    Connections are per thread; a barrier makes each of the pool's threads take exactly one of the
+    closing jobs, so none is left open (a database being dropped or failed over waits for them).
+    """
+    from django.db import connections
+
+    size = pool._max_workers
+    barrier = threading.Barrier(size, timeout=5)
+
+    def close() -> None:
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass
+        connections.close_all()
+
+    for _ in range(size):
+        pool.submit(close)
+    pool.shutdown(wait=True)
