@@ -16,7 +16,7 @@ from django.db import IntegrityError
 from django.db.models import Prefetch, Q, prefetch_related_objects
 from django.http import Http404, HttpResponse, HttpResponseRedirect, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.clickjacking import xframe_options_sameorigin
@@ -177,21 +177,16 @@ def saved_filter_delete(request, pk: int):
 
 # --- Message detail --------------------------------------------------------------------------------------
 
-def _quarantine_actions(message: Message) -> list[dict]:
-    """The quarantine app's action URLs for this message, if that app provides them."""
-    actions = []
-    for name, label, extra in (("release", "Release", {}), ("learn", "Learn as spam", {"as": "spam"}),
-                               ("learn", "Learn as ham", {"as": "ham"}), ("delete", "Delete", {})):
-        url = None
-        for args in ([message.queue_id], []):
-            try:
-                url = reverse(f"quarantine:{name}", args=args)
-                break
-            except NoReverseMatch:
-                continue
-        if url:
-            actions.append({"name": name, "label": label, "url": url, "extra": extra})
-    return actions
+def _quarantine_actions(message: Message, user) -> list[dict]:
+    """The quarantine actions this user may take on this message (a virus is released by administrators)."""
+    from quarantine.actions import may_release
+
+    choices = [("learn", "Learn as spam", {"as": "spam"}), ("learn", "Learn as ham", {"as": "ham"}),
+               ("delete", "Delete", {})]
+    if may_release(message, user):
+        choices.insert(0, ("release", "Release", {}))
+    return [{"name": name, "label": label, "url": reverse(f"quarantine:{name}", args=[message.queue_id]),
+             "extra": extra} for name, label, extra in choices]
 
 
 def _raw_bytes(message: Message) -> bytes | None:
@@ -221,7 +216,7 @@ def message_detail(request, queue_id: str):
         "is_quarantined": is_quarantined,
         "show_preview": raw is not None and is_quarantined,
         "can_download": can_download(request.user) and raw is not None,
-        "actions": _quarantine_actions(message) if message.state == Message.State.QUARANTINED else [],
+        "actions": _quarantine_actions(message, request.user) if message.state == Message.State.QUARANTINED else [],
     })
 
 
