@@ -223,6 +223,16 @@ def pids_postgres(dbname: str) -> list[int]:
     return pids
 
 
+def postmaster_pid(dbname: str) -> list[int]:
+    """The postmaster, the parent of the backends: a new connection is a backend it forks, and the CPU of a
+    backend that ends is added to the postmaster's (with every other database's, on a shared machine)."""
+    for pid in pids_postgres(dbname):
+        ppid = _ppid_of(pid)
+        if ppid > 1:
+            return [ppid]
+    return []
+
+
 def pids_in_group(pgid: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
