@@ -179,6 +179,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# Celery's Django fix-up closes every database connection around every task unless this is set: a new
+# PostgreSQL backend per task. Connections are kept instead; appliance/celery.py still drops old or
+# broken ones before each task (CONN_MAX_AGE, CONN_HEALTH_CHECKS).
+CELERY_DB_REUSE_MAX = envint("CELERY_DB_REUSE_MAX", "1000000")
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "gateway.tasks.sweep", "schedule": envfloat("SWEEP_INTERVAL", "60")},
     "rollup": {"task": "reports.tasks.rollup", "schedule": envfloat("ROLLUP_INTERVAL", "60")},
@@ -187,6 +191,10 @@ CELERY_BEAT_SCHEDULE = {
 
 # Releasing a virus from the quarantine is for administrators; this lets domain administrators too.
 DOMAIN_ADMINS_RELEASE_VIRUSES = envbool("DOMAIN_ADMINS_RELEASE_VIRUSES", "False")
+
+# Seconds a process keeps the mail-flow settings and the allow/block lists it read (saved changes are
+# seen at once in the process that saved them, within this time elsewhere).
+CONFIG_CACHE_SECONDS = envfloat("CONFIG_CACHE_SECONDS", "10")
 
 # --- Scanners --------------------------------------------------------------------------------
 # Unset means that scan is off: the UI and the log say so on every message.

@@ -148,9 +148,10 @@ def _reply(code: int, text: bytes | str) -> str:
 class DeliveryAttempt:
     """One pass over the due recipients of one message."""
 
-    def __init__(self, message: Message):
+    def __init__(self, message: Message, raw: bytes | None = None):
         self.message = message
-        self.config = MailFlowSettings.load()
+        self.raw = raw
+        self.config = MailFlowSettings.cached()
         self.now = timezone.now()
 
     def claim(self) -> list[Recipient]:
@@ -167,7 +168,9 @@ class DeliveryAttempt:
         recipients = self.claim()
         if not recipients:
             return
-        raw = RawMessage.objects.filter(message=self.message).values_list("data", flat=True).first()
+        raw = self.raw
+        if raw is None:
+            raw = RawMessage.objects.filter(message=self.message).values_list("data", flat=True).first()
         if raw is None:
             self._finish(recipients, 554, "5.3.0 the stored message is gone", permanent=True)
             return
@@ -328,6 +331,6 @@ def _state_from(statuses: list[str], current: str) -> str:
     return Message.State.DELETED if s <= {Recipient.Status.DELETED} else current
 
 
-def deliver(message: Message) -> None:
-    DeliveryAttempt(message).run()
+def deliver(message: Message, raw: bytes | None = None) -> None:
+    DeliveryAttempt(message, raw).run()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -206,9 +207,19 @@ class MailFlowSettings(models.Model):
         obj, _ = cls.objects.get_or_create(pk=1)
         return obj
 
+    @classmethod
+    def cached(cls) -> MailFlowSettings:
+        """The settings as read at most CONFIG_CACHE_SECONDS ago: for the path every message takes."""
+        value, read_at = _settings_cache
+        if value is None or time.monotonic() - read_at >= settings.CONFIG_CACHE_SECONDS:
+            value = cls.load()
+            _settings_cache[:] = [value, time.monotonic()]
+        return value
+
     def save(self, *args, **kwargs):
         self.pk = 1
         super().save(*args, **kwargs)
+        _settings_cache[:] = [None, 0.0]
 
     def action_for(self, verdict: str) -> str:
         return {
@@ -226,6 +237,9 @@ class MailFlowSettings(models.Model):
 
     def blocked_attachment_patterns(self) -> list[str]:
         return [line.strip().lower() for line in self.blocked_attachments.splitlines() if line.strip()]
+
+
+_settings_cache: list = [None, 0.0]
 
 
 class MessageQuerySet(models.QuerySet):

@@ -16,7 +16,6 @@ from django.utils import timezone
 
 from quarantine.lists import list_decision
 
-from . import queue
 from .models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict
 from .scanners import attachments, clamav, spamassassin
 
@@ -128,8 +127,11 @@ def worst(verdicts) -> str:
 
 
 @transaction.atomic
-def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> None:
-    """Write the scan's outcome: per-recipient verdict and action, the message's state, then deliver."""
+def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> bool:
+    """Write the scan's outcome: per-recipient verdict and action, and the message's state.
+
+    Returns True when recipients are now due for delivery (the caller delivers, or enqueues it).
+    """
     now = timezone.now()
     recipients = list(message.recipients.filter(status=Recipient.Status.PENDING))
     for recipient in recipients:
@@ -140,7 +142,10 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
         recipient.next_attempt_at = now if recipient.status == Recipient.Status.PENDING else None
         if why:
             outcome.notes.append(f"{recipient.address}: {why}")
-    Recipient.objects.bulk_update(recipients, ["verdict", "action", "status", "next_attempt_at"])
+    if len(recipients) == 1:
+        recipients[0].save(update_fields=["verdict", "action", "status", "next_attempt_at"])
+    else:
+        Recipient.objects.bulk_update(recipients, ["verdict", "action", "status", "next_attempt_at"])
 
     actions = {r.action for r in recipients}
     message.verdict = outcome.verdict if outcome.verdict != Verdict.CLEAN else worst(r.verdict for r in recipients)
@@ -160,11 +165,13 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     else:
         message.state = Message.State.DELETED
         message.completed_at = now
-    message.save()
+    message.save(update_fields=[
+        "verdict", "action", "spam_score", "spam_threshold", "spam_rules", "virus_names", "attachments",
+        "scan_notes", "checks", "scanned_at", "last_error", "next_attempt_at", "quarantined", "state",
+        "completed_at"])
     if message.state == Message.State.DELETED:
         # The "delete" action discards the mail; its log entry stays.
         RawMessage.objects.filter(message=message).delete()
-    if deliver:
-        queue.enqueue_delivery(message.pk)
     log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
              message.action, message.spam_score, ",".join(message.virus_names) or "-")
+    return deliver

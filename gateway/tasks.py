@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from celery import shared_task
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from . import delivery, pipeline, queue
@@ -23,14 +23,16 @@ def run_scan(message_id: int) -> str:
     message = Message.objects.filter(pk=message_id).first()
     if message is None:
         return "gone"
-    if not message.claim([Message.State.RECEIVED, Message.State.SCAN_DEFERRED], Message.State.SCANNING):
+    # The claim, and the count of attempts, in one statement.
+    claimed = Message.objects.filter(pk=message.pk, state__in=[Message.State.RECEIVED, Message.State.SCAN_DEFERRED]) \
+        .update(state=Message.State.SCANNING, claimed_at=timezone.now(), attempts=F("attempts") + 1)
+    if not claimed:
         return "taken"
-    Message.objects.filter(pk=message.pk).update(attempts=message.attempts + 1)
-    message.attempts += 1
-    raw = RawMessage.objects.filter(message=message).values_list("data", flat=True).first()
-    config = MailFlowSettings.load()
+    message.state, message.attempts = Message.State.SCANNING, message.attempts + 1
+    raw = bytes(RawMessage.objects.filter(message=message).values_list("data", flat=True).first() or b"")
+    config = MailFlowSettings.cached()
     try:
-        outcome = pipeline.scan(message, bytes(raw or b""), config)
+        outcome = pipeline.scan(message, raw, config)
     except ScannerUnavailable as exc:
         # Not delivered unscanned: the message waits, visibly, and is tried again later.
         delay = delivery.backoff(message.attempts, settings.SCAN_RETRY_BASE, settings.SCAN_RETRY_MAX)
@@ -40,7 +42,10 @@ def run_scan(message_id: int) -> str:
         log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
         queue.enqueue_scan(message.pk, countdown=delay)
         return "deferred"
-    pipeline.apply_verdict(message, outcome, config)
+    if pipeline.apply_verdict(message, outcome, config):
+        # Delivered here and now, with the message and its bytes in hand: no second task, no second read.
+        # A failure leaves the recipients due, and deliver_message / the sweeper retries them.
+        delivery.deliver(message, raw)
     return message.verdict
 
 
@@ -94,7 +99,7 @@ def due_work(now=None, *, received_grace: float = 120) -> tuple[list[int], list[
 def purge_expired(now=None, batch: int = 1000) -> int:
     """Retention: the bytes of quarantined mail past its time go, in batches; the log entries stay."""
     now = now or timezone.now()
-    config = MailFlowSettings.load()
+    config = MailFlowSettings.cached()
     cutoff = now - timedelta(days=config.quarantine_retention_days)
     ids = list(Message.objects.filter(state=Message.State.QUARANTINED, received_at__lt=cutoff)
                .values_list("pk", flat=True)[:batch])

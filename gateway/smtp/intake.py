@@ -5,6 +5,8 @@ These are plain synchronous functions; the server runs them in its thread pool.
 
 from __future__ import annotations
 
+import email.errors
+import email.header
 import email.parser
 import email.policy
 import email.utils
@@ -122,21 +124,38 @@ def _header_text(value) -> str:
         return ""
 
 
+def _decoded(value) -> str:
+    """A header value with its encoded words (RFC 2047) decoded; what cannot be decoded stays as sent."""
+    if isinstance(value, email.header.Header):
+        value = str(value)
+    text = str(value)
+    if "=?" in text:
+        try:
+            text = str(email.header.make_header(email.header.decode_header(text)))
+        except (LookupError, UnicodeError, ValueError, email.errors.HeaderParseError):
+            pass
+    return " ".join(text.split())
+
+
 def summarise_headers(data: bytes) -> dict[str, str]:
-    """From, Subject and Message-ID, decoded for the log, from the header section only."""
+    """From, Subject and Message-ID, decoded for the log, from the header section only.
+
+    compat32 and decode_header rather than email.policy.default: the same text for the log at a tenth
+    of the cost, on the path of every message.
+    """
     end = data.find(b"\r\n\r\n")
     head = data[: end + 4] if end >= 0 else data[:65536]
     try:
-        headers = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head)
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
     except Exception:  # noqa: BLE001
         return {"header_from": "", "subject": "", "message_id": ""}
     out = {}
     for key, name in (("header_from", "From"), ("subject", "Subject"), ("message_id", "Message-ID")):
         try:
-            value = headers.get(name, "")
+            value = _decoded(headers.get(name, ""))
         except Exception:  # noqa: BLE001 - malformed encoded words, bad charsets
             value = ""
-        out[key] = _header_text(value)[:998]
+        out[key] = value[:998]
     return out
 
 
@@ -146,15 +165,15 @@ def store_message(envelope: Envelope, data: bytes) -> Message:
     summary = summarise_headers(data)
     direction = Message.Direction.OUTBOUND if envelope.authenticated_as or envelope.checks.get("relay") \
         else Message.Direction.INBOUND
+    # queue_id and received_at are known before the INSERT, so the Received: header goes in with it.
+    message = Message(
+        node=settings.NODE_NAME, direction=direction, state=Message.State.RECEIVED,
+        client_ip=envelope.client_ip, client_name=envelope.client_name[:255], helo=envelope.helo[:255],
+        authenticated_as=envelope.authenticated_as, envelope_sender=envelope.sender[:320],
+        mail_options=envelope.mail_options, size=len(data), checks=envelope.checks, **summary)
+    message.added_headers = received_header(envelope, message) + envelope.added_headers
     with transaction.atomic():
-        message = Message.objects.create(
-            node=settings.NODE_NAME, direction=direction, state=Message.State.RECEIVED,
-            client_ip=envelope.client_ip, client_name=envelope.client_name[:255], helo=envelope.helo[:255],
-            authenticated_as=envelope.authenticated_as, envelope_sender=envelope.sender[:320],
-            mail_options=envelope.mail_options, size=len(data), checks=envelope.checks,
-            added_headers="", **summary)
-        message.added_headers = received_header(envelope, message) + envelope.added_headers
-        Message.objects.filter(pk=message.pk).update(added_headers=message.added_headers)
+        message.save(force_insert=True)
         RawMessage.objects.create(message=message, data=data)
         Recipient.objects.bulk_create(
             [Recipient(message=message, address=address.lower(), domain=address.rsplit("@", 1)[-1].lower())
