@@ -43,9 +43,10 @@ superuser: $(VENV)/.installed  ## create an administrator login
 services:  ## install and start spamd and clamd with the offline configuration (Debian, as root)
 	bash .ci/services.sh
 
-bench: $(VENV)/.installed  ## run the benchmarks (needs PostgreSQL, spamd, clamd; see docs/benchmarks.md)
+bench: $(VENV)/.installed  ## run the benchmarks (needs PostgreSQL, Redis, spamd, clamd; see docs/benchmarks.md)
 	$(PY) bench/intake
 	$(PY) bench/pipeline
+	$(PY) bench/reports
 
 clean:  ## remove the virtualenv and local data
 	rm -rf $(VENV) data
