@@ -199,17 +199,28 @@ class DeliveryAttempt:
             content = self.message.added_headers.encode("utf-8", "replace").replace(b"\r\n", b"\n").replace(
                 b"\n", b"\r\n") + scan_headers(self.message, verdict)
             body = tag_subject(raw, self.config.subject_prefix) if tagged else raw
-            self._send(destinations, group, signing.sign_outgoing(self.message, content + body))
+            try:
+                self._send(destinations, group, signing.sign_outgoing(self.message, content + body))
+            except Exception:
+                # A bug or an odd input must not leave recipients claimed for ever: defer them, so that
+                # retries and the queue lifetime (then a DSN) still apply.
+                log.exception("delivery of %s failed unexpectedly", self.message.queue_id)
+                self._finish([r for r in group if r.status == Recipient.Status.DELIVERING], 451,
+                             "4.3.0 local error while delivering")
         self._update_message()
 
     def _send(self, destinations: tuple[Destination, ...], group: list[Recipient], data: bytes) -> None:
         code, text, permanent = 451, "4.4.1 no destination could be tried", False
         for destination in destinations:
-            unfinished = [r for r in group if r.status == Recipient.Status.DELIVERING]
+            unfinished = self._reclaim([r for r in group if r.status == Recipient.Status.DELIVERING])
             if not unfinished:
                 return
             try:
                 self._send_to(destination, unfinished, data)
+                return
+            except UnicodeEncodeError:
+                # A non-ASCII address the destination cannot take (no SMTPUTF8 in this transaction).
+                self._finish(unfinished, 553, "5.6.7 a non-ASCII address needs SMTPUTF8", permanent=True)
                 return
             except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
                 # A refused connection, a timeout, a dropped session: try the next MX host, else defer.
@@ -224,6 +235,25 @@ class DeliveryAttempt:
                 if permanent:
                     break
         self._finish([r for r in group if r.status == Recipient.Status.DELIVERING], code, text, permanent=permanent)
+
+    def _reclaim(self, group: list[Recipient]) -> list[Recipient]:
+        """Renew the claim on these recipients just before a connection: a pass that ran so long that the
+        sweeper handed them to another worker must not send them again."""
+        if not group:
+            return []
+        fresh = timezone.now()
+        held = group[0].claimed_at or self.now
+        ids = [r.pk for r in group]
+        Recipient.objects.filter(pk__in=ids, status=Recipient.Status.DELIVERING, claimed_at=held).update(
+            claimed_at=fresh)
+        mine = set(Recipient.objects.filter(pk__in=ids, status=Recipient.Status.DELIVERING, claimed_at=fresh)
+                   .values_list("pk", flat=True))
+        for recipient in group:
+            if recipient.pk in mine:
+                recipient.claimed_at = fresh
+            else:
+                recipient.status = "lost"  # another worker has it now: leave it alone
+        return [r for r in group if r.pk in mine]
 
     def _send_to(self, destination: Destination, group: list[Recipient], data: bytes) -> None:
         with smtplib.SMTP(destination.host, destination.port, local_hostname=settings.SMTP_HOSTNAME,
@@ -242,7 +272,8 @@ class DeliveryAttempt:
             options = []
             if smtp.has_extn("8bitmime") and "BODY=8BITMIME" in self.message.mail_options:
                 options.append("BODY=8BITMIME")
-            if "SMTPUTF8" in self.message.mail_options:
+            addresses = [self.message.envelope_sender, *(r.address for r in group)]
+            if "SMTPUTF8" in self.message.mail_options or not all(a.isascii() for a in addresses):
                 if not smtp.has_extn("smtputf8"):
                     self._finish(group, 553, "5.6.7 the destination does not support SMTPUTF8", permanent=True)
                     return
@@ -277,6 +308,7 @@ class DeliveryAttempt:
         now = timezone.now()
         expired = now - self.message.received_at > self.config.queue_lifetime
         for recipient in recipients:
+            held = recipient.claimed_at or self.now
             recipient.reply_code, recipient.reply_text = code, text
             recipient.attempts += 1
             recipient.claimed_at = None
@@ -290,8 +322,10 @@ class DeliveryAttempt:
             else:
                 delay = backoff(recipient.attempts, settings.DELIVERY_RETRY_BASE, settings.DELIVERY_RETRY_MAX)
                 recipient.status, recipient.next_attempt_at = Recipient.Status.DEFERRED, now + timedelta(seconds=delay)
-            recipient.save(update_fields=["status", "reply_code", "reply_text", "attempts", "claimed_at",
-                                          "delivered_at", "next_attempt_at"])
+            # Only while the claim is still ours: never overwrite what another worker recorded.
+            Recipient.objects.filter(pk=recipient.pk, status=Recipient.Status.DELIVERING, claimed_at=held).update(
+                status=recipient.status, reply_code=code, reply_text=text, attempts=recipient.attempts,
+                claimed_at=None, delivered_at=recipient.delivered_at, next_attempt_at=recipient.next_attempt_at)
             log.info("%s to <%s>: %s (%s)", self.message.queue_id, recipient.address, recipient.status, text)
 
     def _update_message(self) -> None:

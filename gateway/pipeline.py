@@ -127,11 +127,16 @@ def worst(verdicts) -> str:
 
 
 @transaction.atomic
-def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> bool:
+def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> bool | None:
     """Write the scan's outcome: per-recipient verdict and action, and the message's state.
 
-    Returns True when recipients are now due for delivery (the caller delivers, or enqueues it).
+    Returns True when recipients are now due for delivery (the caller delivers, or enqueues it), and
+    None when this scan's claim is no longer held (it went stale and another worker took the message).
     """
+    still_ours = Message.objects.select_for_update().filter(
+        pk=message.pk, state=Message.State.SCANNING, claimed_at=message.claimed_at).exists()
+    if not still_ours:
+        return None
     now = timezone.now()
     recipients = list(message.recipients.filter(status=Recipient.Status.PENDING))
     for recipient in recipients:

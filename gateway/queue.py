@@ -8,8 +8,12 @@ next_attempt_at are the truth, and the sweeper picks up whatever a lost task lef
 
 from __future__ import annotations
 
+import logging
+
 from django.conf import settings
 from django.db import transaction
+
+log = logging.getLogger(__name__)
 
 
 def _send(task_name: str, *args, countdown: float | None = None) -> None:
@@ -20,7 +24,19 @@ def _send(task_name: str, *args, countdown: float | None = None) -> None:
     from gateway import tasks
 
     task = getattr(tasks, task_name)
-    transaction.on_commit(lambda: task.apply_async(args=args, countdown=countdown))
+    if not settings.CELERY_BROKER_URL:
+        transaction.on_commit(lambda: task.apply_async(args=args, countdown=countdown))
+        return
+
+    def send() -> None:
+        try:
+            task.apply_async(args=args, countdown=countdown)
+        except Exception:  # noqa: BLE001 - the broker is down: the row is committed, the sweeper sends it later
+            log.exception("could not enqueue %s%r; the sweeper will pick it up", task_name, args)
+
+    # The row is committed by now: a broker that is down must not turn into an error reply to the client
+    # (which would send the message again), only into a later pick-up by the sweeper.
+    transaction.on_commit(send)
 
 
 def enqueue_scan(message_id: int, *, countdown: float | None = None) -> None:

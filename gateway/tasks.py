@@ -24,11 +24,12 @@ def run_scan(message_id: int) -> str:
     if message is None:
         return "gone"
     # The claim, and the count of attempts, in one statement.
+    claimed_at = timezone.now()
     claimed = Message.objects.filter(pk=message.pk, state__in=[Message.State.RECEIVED, Message.State.SCAN_DEFERRED]) \
-        .update(state=Message.State.SCANNING, claimed_at=timezone.now(), attempts=F("attempts") + 1)
+        .update(state=Message.State.SCANNING, claimed_at=claimed_at, attempts=F("attempts") + 1)
     if not claimed:
         return "taken"
-    message.state, message.attempts = Message.State.SCANNING, message.attempts + 1
+    message.state, message.attempts, message.claimed_at = Message.State.SCANNING, message.attempts + 1, claimed_at
     raw = bytes(RawMessage.objects.filter(message=message).values_list("data", flat=True).first() or b"")
     config = MailFlowSettings.cached()
     try:
@@ -36,13 +37,16 @@ def run_scan(message_id: int) -> str:
     except ScannerUnavailable as exc:
         # Not delivered unscanned: the message waits, visibly, and is tried again later.
         delay = delivery.backoff(message.attempts, settings.SCAN_RETRY_BASE, settings.SCAN_RETRY_MAX)
-        Message.objects.filter(pk=message.pk, state=Message.State.SCANNING).update(
+        Message.objects.filter(pk=message.pk, state=Message.State.SCANNING, claimed_at=claimed_at).update(
             state=Message.State.SCAN_DEFERRED, last_error=str(exc)[:2000], claimed_at=None,
             next_attempt_at=timezone.now() + timedelta(seconds=delay))
         log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
         queue.enqueue_scan(message.pk, countdown=delay)
         return "deferred"
-    if pipeline.apply_verdict(message, outcome, config):
+    deliver = pipeline.apply_verdict(message, outcome, config)
+    if deliver is None:
+        return "taken"  # the claim went stale and another worker scanned it meanwhile
+    if deliver:
         # Delivered here and now, with the message and its bytes in hand: no second task, no second read.
         # A failure leaves the recipients due, and deliver_message / the sweeper retries them.
         delivery.deliver(message, raw)
@@ -96,13 +100,17 @@ def due_work(now=None, *, received_grace: float = 120) -> tuple[list[int], list[
     return scans, deliveries
 
 
+ACTIVE_RECIPIENT_STATUSES = [Recipient.Status.PENDING, Recipient.Status.DEFERRED, Recipient.Status.DELIVERING]
+
+
 def purge_expired(now=None, batch: int = 1000) -> int:
     """Retention: the bytes of quarantined mail past its time go, in batches; the log entries stay."""
     now = now or timezone.now()
     config = MailFlowSettings.cached()
     cutoff = now - timedelta(days=config.quarantine_retention_days)
+    # A message whose other recipients are still being delivered keeps its bytes until they are done.
     ids = list(Message.objects.filter(state=Message.State.QUARANTINED, received_at__lt=cutoff)
-               .values_list("pk", flat=True)[:batch])
+               .exclude(recipients__status__in=ACTIVE_RECIPIENT_STATUSES).values_list("pk", flat=True)[:batch])
     if ids:
         RawMessage.objects.filter(message_id__in=ids).delete()
         Recipient.objects.filter(message_id__in=ids, status=Recipient.Status.QUARANTINED).update(

@@ -82,8 +82,14 @@ def delete_message(message: Message, *, by=None, ip: str | None = None) -> bool:
         return False
     message.recipients.filter(status=Recipient.Status.QUARANTINED).update(status=Recipient.Status.DELETED)
     from gateway.models import RawMessage
+    from gateway.tasks import ACTIVE_RECIPIENT_STATUSES
 
-    RawMessage.objects.filter(message=message).delete()
+    if message.recipients.filter(status__in=ACTIVE_RECIPIENT_STATUSES).exists():
+        # Other recipients' copies are still on their way: they keep the bytes, the message stays in delivery.
+        Message.objects.filter(pk=message.pk).update(state=Message.State.DELIVERING)
+        message.state = Message.State.DELIVERING
+    else:
+        RawMessage.objects.filter(message=message).delete()
     record_audit("delete", user=by, ip=ip, message=message)
     return True
 

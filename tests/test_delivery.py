@@ -125,3 +125,40 @@ def test_tag_subject_touches_only_the_subject():
     raw = b"From: a@b.example\r\nSubject: Hello\r\n\r\nSubject: body line\r\n"
     assert tag_subject(raw, "[SPAM]") == b"From: a@b.example\r\nSubject: [SPAM] Hello\r\n\r\nSubject: body line\r\n"
     assert tag_subject(b"From: a@b.example\r\n\r\nbody", "[SPAM]").startswith(b"From: a@b.example\r\nSubject: [SPAM]")
+
+
+def test_a_non_ascii_recipient_without_smtputf8_bounces_instead_of_crashing(gateway_smtp, protected_domain,
+                                                                             capture_server):
+    from quarantine.actions import release_message
+
+    msg = send(gateway_smtp, message())
+    Message.objects.filter(pk=msg.pk).update(state=Message.State.QUARANTINED)
+    Recipient.objects.filter(message=msg).update(status=Recipient.Status.QUARANTINED)
+    msg.refresh_from_db()
+    capture_server.messages.clear()
+    config = MailFlowSettings.load()
+    config.outbound_relay = capture_server.address
+    config.save()
+    assert release_message(msg, by=None, to_address="user@bücher.example")
+    recipient = msg.recipients.get(address="user@bücher.example")
+    # The capture server (aiosmtpd without SMTPUTF8) cannot take it: a clear permanent failure, no crash.
+    assert recipient.status in (Recipient.Status.BOUNCED, Recipient.Status.DELIVERED)
+    assert recipient.reply_code in (250, 553)
+
+
+def test_a_delivery_whose_claim_was_handed_to_another_worker_is_not_sent_again(gateway_smtp, protected_domain,
+                                                                                 capture_server, settings):
+    from gateway.delivery import DeliveryAttempt
+
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    msg = send(gateway_smtp, message())
+    tasks.run_scan(msg.pk) if msg.state == Message.State.RECEIVED else None
+    msg.refresh_from_db()
+    Recipient.objects.filter(message=msg).update(status=Recipient.Status.PENDING, next_attempt_at=timezone.now())
+    capture_server.messages.clear()
+    attempt = DeliveryAttempt(msg)
+    (recipient,) = attempt.claim()
+    # Meanwhile the sweeper judged the claim stale and another worker took the recipient.
+    Recipient.objects.filter(pk=recipient.pk).update(claimed_at=timezone.now() - timedelta(hours=1))
+    assert attempt._reclaim([recipient]) == []
+    assert capture_server.messages == []
