@@ -243,6 +243,8 @@ class DeliveryAttempt:
             return []
         fresh = timezone.now()
         held = group[0].claimed_at or self.now
+        if (fresh - held).total_seconds() < settings.STALE_CLAIM_SECONDS / 2:
+            return group  # far from stale: the sweeper cannot have handed it on yet
         ids = [r.pk for r in group]
         Recipient.objects.filter(pk__in=ids, status=Recipient.Status.DELIVERING, claimed_at=held).update(
             claimed_at=fresh)
@@ -330,9 +332,10 @@ class DeliveryAttempt:
 
     def _update_message(self) -> None:
         statuses = list(self.message.recipients.values_list("status", flat=True))
+        failures = {Recipient.Status.BOUNCED, Recipient.Status.EXPIRED}
         with transaction.atomic():
             failed = list(self.message.recipients.select_for_update().filter(
-                status__in=[Recipient.Status.BOUNCED, Recipient.Status.EXPIRED], dsn_sent=False))
+                status__in=failures, dsn_sent=False)) if failures & set(statuses) else []
             if failed:
                 dsn.send_failure_notice(self.message, failed)
                 Recipient.objects.filter(pk__in=[r.pk for r in failed]).update(dsn_sent=True)
@@ -342,7 +345,8 @@ class DeliveryAttempt:
                 fields["completed_at"] = timezone.now()
             # Never overwrite a state someone else set meanwhile (quarantine, release).
             Message.objects.filter(pk=self.message.pk, state=self.message.state).update(**fields)
-        waiting = self.message.recipients.filter(status=Recipient.Status.DEFERRED).order_by("next_attempt_at").first()
+        waiting = self.message.recipients.filter(status=Recipient.Status.DEFERRED).order_by("next_attempt_at").first() \
+            if Recipient.Status.DEFERRED in statuses else None
         if waiting is not None:
             delay = max(1.0, (waiting.next_attempt_at - timezone.now()).total_seconds())
             queue.enqueue_delivery(self.message.pk, countdown=delay)

@@ -158,7 +158,8 @@ def test_a_delivery_whose_claim_was_handed_to_another_worker_is_not_sent_again(g
     capture_server.messages.clear()
     attempt = DeliveryAttempt(msg)
     (recipient,) = attempt.claim()
-    # Meanwhile the sweeper judged the claim stale and another worker took the recipient.
-    Recipient.objects.filter(pk=recipient.pk).update(claimed_at=timezone.now() - timedelta(hours=1))
+    # The pass took an hour; meanwhile the sweeper judged the claim stale and another worker took it.
+    recipient.claimed_at = timezone.now() - timedelta(hours=1)
+    Recipient.objects.filter(pk=recipient.pk).update(claimed_at=timezone.now())
     assert attempt._reclaim([recipient]) == []
     assert capture_server.messages == []
