@@ -16,8 +16,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 
-import dns.exception
-import dns.resolver
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -25,6 +23,7 @@ from django.utils import timezone
 
 from . import dsn, queue, signing
 from .auth.dmarc import strip_authentication_results
+from .auth.dns import TemporaryDNSError, get_sync_resolver
 from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Verdict, parse_host_port
 
 log = logging.getLogger(__name__)
@@ -52,27 +51,19 @@ def backoff(attempt: int, base: int, cap: int) -> int:
     return min(cap, base * 2 ** max(0, attempt - 1))
 
 
-def _resolver() -> dns.resolver.Resolver:
-    if settings.DNS_NAMESERVERS:
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = settings.DNS_NAMESERVERS
-        resolver.port = settings.DNS_PORT
-    else:
-        resolver = dns.resolver.Resolver()
-    resolver.lifetime = settings.DNS_TIMEOUT
-    return resolver
-
-
 def mx_hosts(domain: str) -> list[str]:
-    """The domain's MX hosts by preference, or the domain itself (RFC 5321 §5.1 implicit MX)."""
-    try:
-        answer = _resolver().resolve(domain, "MX")
-    except dns.resolver.NXDOMAIN as exc:
-        raise NoRoute(f"domain {domain} does not exist") from exc
-    except dns.resolver.NoAnswer:
+    """The domain's MX hosts by preference, or the domain itself (RFC 5321 §5.1 implicit MX).
+
+    Raises NoRoute for a domain that does not exist or accepts no mail (null MX, RFC 7505), and
+    TemporaryDNSError when the look-up fails (the delivery is deferred).
+    """
+    lookup = get_sync_resolver().lookup(domain, "MX")
+    if lookup.nxdomain:
+        raise NoRoute(f"domain {domain} does not exist")
+    records = sorted((r.preference, str(r.exchange).rstrip(".")) for r in lookup.rdatas)
+    if not records:
         return [domain]
-    records = sorted(answer, key=lambda r: r.preference)
-    hosts = [str(r.exchange).rstrip(".") for r in records]
+    hosts = [host for _, host in records]
     if hosts == [""]:
         raise NoRoute(f"domain {domain} accepts no mail (null MX)")
     return hosts
@@ -185,7 +176,7 @@ class DeliveryAttempt:
             except NoRoute as exc:
                 self._finish([recipient], 550, f"5.1.2 {exc}", permanent=True)
                 continue
-            except dns.exception.DNSException as exc:
+            except TemporaryDNSError as exc:
                 self._finish([recipient], 451, f"4.4.3 DNS lookup of {recipient.domain} failed: {exc}")
                 continue
             tagged = recipient.action == Action.TAG and not recipient.released
