@@ -21,21 +21,12 @@ from .models import (
     UserProfile,
     ValidRecipient,
     parse_host_port,
+    role_of,
     validate_domain_name,
 )
 
 User = get_user_model()
 Role = UserProfile.Role
-
-
-def role_of(user) -> str | None:
-    """The role that decides what this login may do; a superuser is an administrator, no profile is nothing."""
-    if not getattr(user, "is_authenticated", False) or not user.is_active:
-        return None
-    if user.is_superuser:
-        return Role.ADMIN
-    profile = getattr(user, "mail_profile", None)
-    return profile.role if profile is not None else None
 
 
 def domains_of(user) -> list[str]:

@@ -242,6 +242,19 @@ class MailFlowSettings(models.Model):
 _settings_cache: list = [None, 0.0]
 
 
+def role_of(user) -> str:
+    """'admin', 'domain_admin', 'user', or '' for a login that may see no mail: the one reading of roles.
+
+    A superuser is an administrator; a login without a mail profile sees nothing.
+    """
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return ""
+    if user.is_superuser:
+        return "admin"
+    profile = getattr(user, "mail_profile", None)
+    return profile.role if profile is not None else ""
+
+
 class MessageQuerySet(models.QuerySet):
     def visible_to(self, user) -> MessageQuerySet:
         """The messages this user may see: the one scoping rule of the whole product.
@@ -249,16 +262,13 @@ class MessageQuerySet(models.QuerySet):
         Administrators see all; a domain administrator the mail to or from their domains; a user the
         mail to or from their own addresses. Anyone else sees nothing.
         """
-        if not getattr(user, "is_authenticated", False) or not user.is_active:
-            return self.none()
-        if user.is_superuser:
+        role = role_of(user)
+        if role == "admin":
             return self
-        profile = getattr(user, "mail_profile", None)
-        if profile is None:
+        if not role:
             return self.none()
-        if profile.role == "admin":
-            return self
-        if profile.role == "domain_admin":
+        profile = user.mail_profile
+        if role == "domain_admin":
             domains = list(profile.domains.values_list("name", flat=True))
             if not domains:
                 return self.none()

@@ -27,10 +27,9 @@ from .forms import (
     UserForm,
     address_domain,
     domains_of,
-    role_of,
     role_of_account,
 )
-from .models import Domain, MailFlowSettings, Route, TrustedNetwork, record_audit
+from .models import Domain, MailFlowSettings, Route, TrustedNetwork, record_audit, role_of
 
 User = get_user_model()
 

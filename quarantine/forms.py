@@ -10,8 +10,8 @@ from django.core.validators import validate_email
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
-from gateway.forms import Role, address_domain, domains_of, role_of
-from gateway.models import Domain, Message, Recipient, Verdict
+from gateway.forms import Role, address_domain, domains_of
+from gateway.models import Domain, Message, Recipient, Verdict, role_of
 
 from .models import BulkJob, SenderListEntry, validate_sender_pattern
 

@@ -20,8 +20,8 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_http_methods, require_POST
 
-from gateway.forms import Role, role_of
-from gateway.models import Message, Recipient, record_audit
+from gateway.forms import Role
+from gateway.models import Message, Recipient, record_audit, role_of
 from gateway.views import client_ip
 
 from . import actions
@@ -332,7 +332,7 @@ def bulk_status(request: HttpRequest, job_id: int) -> JsonResponse:
 
 @login_required
 def lists(request: HttpRequest) -> HttpResponse:
-    if role_of(request.user) is None:
+    if not role_of(request.user):
         raise Http404("No lists for this login")
     return _render_lists(request, ListEntryForm(user=request.user))
 
@@ -353,7 +353,7 @@ def _render_lists(request: HttpRequest, form: ListEntryForm, status: int = 200) 
 @login_required
 @require_POST
 def list_add(request: HttpRequest) -> HttpResponse:
-    if role_of(request.user) is None:
+    if not role_of(request.user):
         raise Http404("No lists for this login")
     form = ListEntryForm(request.POST, user=request.user)
     if not form.is_valid():

@@ -10,21 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.models import Message
+from gateway.models import Message, role_of
 
 from .models import ALL_SCOPE
-
-
-def role_of(user) -> str:
-    """'admin', 'domain_admin', 'user' or '' (no access), the same reading of roles as visible_to."""
-    if not getattr(user, "is_authenticated", False) or not user.is_active:
-        return ""
-    if user.is_superuser:
-        return "admin"
-    profile = getattr(user, "mail_profile", None)
-    if profile is None:
-        return ""
-    return profile.role
 
 
 def is_admin(user) -> bool:
