@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -63,8 +64,8 @@ def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
         return outcome
 
     if spamassassin.configured():
-        if len(raw) > _spamd_max_size():
-            outcome.notes.append(f"spam scan skipped: the message is larger than {_spamd_max_size()} bytes")
+        if len(raw) > settings.SPAMD_MAX_SIZE:
+            outcome.notes.append(f"spam scan skipped: the message is larger than {settings.SPAMD_MAX_SIZE} bytes")
         else:
             started = time.monotonic()
             spam = spamassassin.check(raw)
@@ -89,12 +90,6 @@ def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
     elif outcome.spam_score is not None and outcome.spam_score >= config.spam_threshold:
         outcome.verdict = Verdict.SPAM
     return outcome
-
-
-def _spamd_max_size() -> int:
-    from django.conf import settings
-
-    return settings.SPAMD_MAX_SIZE
 
 
 def recipient_verdict(message: Message, recipient: Recipient, verdict: str) -> tuple[str, str]:

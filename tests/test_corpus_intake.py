@@ -7,7 +7,6 @@ import pytest
 
 from gateway import tasks
 from gateway.models import Message
-from tests.conftest import read_mail
 
 NOT_MAIL = {"LICENSE", "NOTICE", "SOURCE.txt", "README", "README.md", "README.txt"}
 
@@ -66,4 +65,3 @@ def test_every_mime_corpus_message(clamd_only, gateway_smtp, protected_domain, c
     assert not Message.objects.filter(state__in=["received", "scanning", "scan_deferred"]).exists()
     assert set(logged.values_list("verdict", flat=True)) <= {"clean", "virus", "blocked_attachment"}
     print(f"{len(paths)} corpus messages: {accepted} accepted and logged, {refused} refused: {replies}")
-    _ = read_mail

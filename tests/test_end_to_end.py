@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from django.conf import settings as django_settings
 from django.db import connection
 
 from gateway.models import MailFlowSettings, Message, Recipient
@@ -272,4 +271,3 @@ def test_sigterm_finishes_the_transaction_in_flight(appliance):
     assert appliance.processes["smtp"].wait(30) == 0
     appliance.processes.pop("smtp")
     assert Message.objects.filter(subject="In flight").count() == 1
-    _ = django_settings
