@@ -127,7 +127,7 @@ def test_tag_subject_touches_only_the_subject():
     assert tag_subject(b"From: a@b.example\r\n\r\nbody", "[SPAM]").startswith(b"From: a@b.example\r\nSubject: [SPAM]")
 
 
-def test_a_non_ascii_recipient_without_smtputf8_bounces_instead_of_crashing(gateway_smtp, protected_domain,
+def test_a_non_ascii_recipient_is_sent_with_smtputf8(gateway_smtp, protected_domain,
                                                                              capture_server):
     from quarantine.actions import release_message
 
@@ -141,9 +141,10 @@ def test_a_non_ascii_recipient_without_smtputf8_bounces_instead_of_crashing(gate
     config.save()
     assert release_message(msg, by=None, to_address="user@bücher.example")
     recipient = msg.recipients.get(address="user@bücher.example")
-    # The capture server (aiosmtpd without SMTPUTF8) cannot take it: a clear permanent failure, no crash.
-    assert recipient.status in (Recipient.Status.BOUNCED, Recipient.Status.DELIVERED)
-    assert recipient.reply_code in (250, 553)
+    # The capture server offers SMTPUTF8: the transaction asks for it, and the address arrives as it is.
+    assert recipient.status == Recipient.Status.DELIVERED
+    delivered = capture_server.messages[-1]
+    assert delivered.recipients == ["user@bücher.example"] and "SMTPUTF8" in delivered.options
 
 
 def test_a_delivery_whose_claim_was_handed_to_another_worker_is_not_sent_again(gateway_smtp, protected_domain,
@@ -163,3 +164,30 @@ def test_a_delivery_whose_claim_was_handed_to_another_worker_is_not_sent_again(g
     Recipient.objects.filter(pk=recipient.pk).update(claimed_at=timezone.now())
     assert attempt._reclaim([recipient]) == []
     assert capture_server.messages == []
+
+
+def test_a_non_ascii_recipient_bounces_where_smtputf8_is_not_offered(gateway_smtp, protected_domain,
+                                                                     capture_server):
+    from aiosmtpd.controller import Controller
+
+    from quarantine.actions import release_message
+    from tests.conftest import CaptureHandler, free_port
+
+    plain_port = free_port()
+    plain = Controller(CaptureHandler(), hostname="127.0.0.1", port=plain_port, enable_SMTPUTF8=False)
+    plain.start()
+    try:
+        config = MailFlowSettings.load()
+        config.outbound_relay = f"127.0.0.1:{plain_port}"
+        config.save()
+        msg = send(gateway_smtp, message())
+        Message.objects.filter(pk=msg.pk).update(state=Message.State.QUARANTINED)
+        Recipient.objects.filter(message=msg).update(status=Recipient.Status.QUARANTINED)
+        msg.refresh_from_db()
+        assert release_message(msg, by=None, to_address="user@bücher.example")
+        recipient = msg.recipients.get(address="user@bücher.example")
+        assert recipient.status == Recipient.Status.BOUNCED
+        assert recipient.reply_text.startswith("553 5.6.7")
+        assert plain.handler.messages[-1].recipients == ["alice@sender.example"]  # the DSN, not the message
+    finally:
+        plain.stop()
