@@ -132,6 +132,14 @@ def require(name: str, url: str | None = None) -> str:
     return url
 
 
+def require_postgres() -> None:
+    """PostgreSQL as the database (DATABASE_URL), as `make test` sets it; else skip (fail on CI)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        unavailable("this test needs PostgreSQL as the database (DATABASE_URL=postgres://…)")
+
+
 def require_binary(path: str) -> str:
     """The program's full path when it is installed and executable; else skip (fail on CI)."""
     found = path if os.sep in path else shutil.which(path)

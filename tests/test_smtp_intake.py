@@ -154,20 +154,58 @@ def test_null_sender_and_many_recipients(gateway_smtp, protected_domain, capture
     assert capture_server.wait_for(1)[0].recipients == [f"user{n}@example.org" for n in range(5)]
 
 
-def test_database_down_answers_451_and_keeps_nothing_half_done(gateway_smtp, protected_domain, monkeypatch):
-    from django.db import OperationalError
+def test_database_down_answers_451_and_the_retry_is_stored(gateway_smtp, protected_domain, monkeypatch):
+    """The database does not answer (here: its port is closed): 451 4.3.0, nothing stored; the client keeps
+    the message, and its retry once the database is back is stored once."""
+    from django.db import connections
 
-    def broken(*args, **kwargs):
-        raise OperationalError("connection refused")
+    from tests.conftest import free_port
+    from tests.services import require_postgres
 
-    monkeypatch.setattr("gateway.smtp.server.store_message", broken)
+    require_postgres()
+    settings_dict = connections.settings["default"]
+    monkeypatch.setitem(settings_dict, "HOST", "127.0.0.1")
+    monkeypatch.setitem(settings_dict, "PORT", str(free_port()))
     with gateway_smtp.client() as client:
         client.ehlo()
         client.mail("alice@sender.example")
         client.rcpt("bob@example.org")
         code, reply = client.data(HAM)
-    assert (code, reply[:5]) == (451, b"4.3.0")
-    assert not Message.objects.exclude(state="refused").exists()
+        assert (code, reply[:5]) == (451, b"4.3.0")
+        assert not Message.objects.exclude(state="refused").exists()
+        monkeypatch.undo()
+        client.rset()
+        client.mail("alice@sender.example")
+        client.rcpt("bob@example.org")
+        code, reply = client.data(HAM)
+    assert code == 250, reply
+    assert Message.objects.exclude(state="refused").count() == 1
+
+
+def test_lost_database_connection_costs_at_most_one_retry(gateway_smtp, protected_domain):
+    """PostgreSQL restarted, or the intake's connection killed: the message in hand may get 451 (the client
+    keeps it), the next ones are stored on a new connection; every 250 is a stored message."""
+    from django.db import connection
+
+    from tests.services import require_postgres
+
+    require_postgres()
+
+    def send() -> int:
+        with gateway_smtp.client() as client:
+            client.ehlo()
+            client.mail("alice@sender.example")
+            client.rcpt("bob@example.org")
+            return client.data(HAM)[0]
+
+    assert send() == 250
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name = 'mailgate smtp intake' AND datname = current_database()")
+        assert cursor.fetchall(), "the intake's own connection was not found"
+    codes = [send() for _ in range(3)]
+    assert codes[0] in (250, 451) and codes[1:] == [250, 250]
+    assert Message.objects.exclude(state="refused").count() == 1 + codes.count(250)
 
 
 def test_pipelined_session(gateway_smtp, protected_domain):

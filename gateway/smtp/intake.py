@@ -131,22 +131,38 @@ def _decoded(value) -> str:
     text = str(value)
     if "=?" in text:
         try:
-            text = str(email.header.make_header(email.header.decode_header(text)))
+            parts = email.header.decode_header(text)
+        except (ValueError, email.errors.HeaderParseError):
+            parts = []
+        try:
+            text = str(email.header.make_header(parts)) if parts else text
         except (LookupError, UnicodeError, ValueError, email.errors.HeaderParseError):
-            pass
+            # Raw UTF-8 beside encoded words, or an unknown charset: each part on its own.
+            text = "".join(_part_text(part, charset) for part, charset in parts)
     return " ".join(text.split())
+
+
+def _part_text(part: bytes | str, charset: str | None) -> str:
+    if isinstance(part, str):
+        return part
+    try:
+        # decode_header hands back the unencoded runs as raw-unicode-escape bytes.
+        return part.decode(charset or "raw-unicode-escape", "replace")
+    except LookupError:
+        return part.decode("ascii", "replace")
 
 
 def summarise_headers(data: bytes) -> dict[str, str]:
     """From, Subject and Message-ID, decoded for the log, from the header section only.
 
     compat32 and decode_header rather than email.policy.default: the same text for the log at a tenth
-    of the cost, on the path of every message.
+    of the cost, on the path of every message. Raw UTF-8 in headers (RFC 6532, and common without it)
+    is read as UTF-8; bytes that are not UTF-8 show as U+FFFD.
     """
     end = data.find(b"\r\n\r\n")
     head = data[: end + 4] if end >= 0 else data[:65536]
     try:
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+        headers = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(head.decode("utf-8", "replace"))
     except Exception:  # noqa: BLE001
         return {"header_from": "", "subject": "", "message_id": ""}
     out = {}
@@ -159,30 +175,80 @@ def summarise_headers(data: bytes) -> dict[str, str]:
     return out
 
 
-def store_message(envelope: Envelope, data: bytes) -> Message:
-    """The raw bytes, the Message row and one row per recipient, in one transaction; the scan on commit."""
-    close_old_connections()
-    summary = summarise_headers(data)
+def _without_nul(value):
+    """PostgreSQL's text and jsonb cannot hold NUL: a header or HELO with one is logged without it."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _default_values(model) -> list[tuple[str, object, bool]]:
+    """(attribute, default, whether to call it) for the columns of a new row; the primary key and the
+    foreign key to the message are left to the database and the writer."""
+    out = []
+    for f in model._meta.concrete_fields:
+        if f.primary_key or f.is_relation:
+            continue
+        call = f.has_default() and callable(f.default)
+        out.append((f.attname, f.default if call else f.get_default(), call))
+    return out
+
+
+_DEFAULTS: dict[type, list] = {}
+
+
+def row_values(model, **given) -> dict:
+    """Every column of a new row of `model` (attribute → value), the defaults filled in as the ORM would."""
+    defaults = _DEFAULTS.get(model)
+    if defaults is None:
+        defaults = _DEFAULTS[model] = _default_values(model)
+    values = {name: default() if call else default for name, default, call in defaults}
+    values.update(given)
+    return values
+
+
+def new_message(envelope: Envelope, data: bytes) -> tuple[dict, list[dict]]:
+    """The columns of the Message row of an accepted message and those of its Recipient rows."""
+    summary = {key: _without_nul(value) for key, value in summarise_headers(data).items()}
     direction = Message.Direction.OUTBOUND if envelope.authenticated_as or envelope.checks.get("relay") \
         else Message.Direction.INBOUND
+    sender = _without_nul(envelope.sender[:320])
+    message = row_values(
+        Message, node=settings.NODE_NAME, direction=direction, state=Message.State.RECEIVED,
+        client_ip=envelope.client_ip or None, client_name=_without_nul(envelope.client_name[:255]),
+        helo=_without_nul(envelope.helo[:255]), authenticated_as=envelope.authenticated_as,
+        envelope_sender=sender, sender_domain=sender.rsplit("@", 1)[1].lower()[:253] if "@" in sender else "",
+        mail_options=envelope.mail_options, size=len(data), checks=_without_nul(envelope.checks), **summary)
     # queue_id and received_at are known before the INSERT, so the Received: header goes in with it.
-    message = Message(
-        node=settings.NODE_NAME, direction=direction, state=Message.State.RECEIVED,
-        client_ip=envelope.client_ip, client_name=envelope.client_name[:255], helo=envelope.helo[:255],
-        authenticated_as=envelope.authenticated_as, envelope_sender=envelope.sender[:320],
-        mail_options=envelope.mail_options, size=len(data), checks=envelope.checks, **summary)
-    message.added_headers = received_header(envelope, message) + envelope.added_headers
+    message["added_headers"] = _without_nul(
+        received_header(envelope, message["queue_id"], message["received_at"]) + envelope.added_headers)
+    recipients = [row_values(Recipient, address=address.lower(), domain=address.rsplit("@", 1)[-1].lower())
+                  for address in envelope.recipients]
+    return message, recipients
+
+
+def store_messages(items: list[tuple[Envelope, bytes]]) -> list[Message]:
+    """Messages, their raw bytes and recipients in one transaction (the ORM's way, for any database);
+    their scans are enqueued on commit."""
+    close_old_connections()
+    built = [new_message(envelope, data) for envelope, data in items]
+    stored = []
     with transaction.atomic():
-        message.save(force_insert=True)
-        RawMessage.objects.create(message=message, data=data)
-        Recipient.objects.bulk_create(
-            [Recipient(message=message, address=address.lower(), domain=address.rsplit("@", 1)[-1].lower())
-             for address in envelope.recipients])
-        queue.enqueue_scan(message.pk)
-    return message
+        for (values, recipients), (_, data) in zip(built, items, strict=True):
+            message = Message(**values)
+            message.save(force_insert=True)
+            RawMessage.objects.create(message=message, data=data)
+            Recipient.objects.bulk_create([Recipient(message=message, **r) for r in recipients])
+            queue.enqueue_scan(message.pk)
+            stored.append(message)
+    return stored
 
 
-def received_header(envelope: Envelope, message: Message) -> str:
+def received_header(envelope: Envelope, queue_id: str, received_at) -> str:
     """Our trace header (RFC 5321 §4.4), prepended on delivery; the stored original stays untouched."""
     client = f"{envelope.client_name or 'unknown'} [{envelope.client_ip}]"
     protocol = "ESMTP"
@@ -193,10 +259,10 @@ def received_header(envelope: Envelope, message: Message) -> str:
     if "SMTPUTF8" in envelope.mail_options:
         protocol = "UTF8" + ("SMTPS" if envelope.checks.get("tls") else "SMTP") + (
             "A" if envelope.authenticated_as else "")
-    date = email.utils.format_datetime(timezone.localtime(message.received_at))
+    date = email.utils.format_datetime(timezone.localtime(received_at))
     for_part = f"\r\n\tfor <{envelope.recipients[0]}>" if len(envelope.recipients) == 1 else ""
     return (f"Received: from {envelope.helo or 'unknown'} ({client})\r\n"
-            f"\tby {settings.SMTP_HOSTNAME} (Mailgate) with {protocol} id {message.queue_id}{for_part};\r\n"
+            f"\tby {settings.SMTP_HOSTNAME} (Mailgate) with {protocol} id {queue_id}{for_part};\r\n"
             f"\t{date}\r\n")
 
 
