@@ -49,6 +49,25 @@ def test_messages_arriving_during_a_commit_share_the_next_one():
     assert batches == [[0], list(range(1, 8))]
 
 
+def test_a_write_holds_a_bounded_amount_of_message_data():
+    batches: list[list[int]] = []
+
+    async def write(items):
+        batches.append(list(items))
+        await asyncio.sleep(0.02)
+        return list(items)
+
+    async def main():
+        group = GroupCommit(write, alone=lambda exc: True, size=lambda item: item, max_bytes=100)
+        first = asyncio.ensure_future(group.submit(1))
+        await asyncio.sleep(0.005)
+        rest = await asyncio.gather(*(group.submit(n) for n in (60, 30, 20, 500, 5)))
+        return [await first, *rest]
+
+    assert asyncio.run(main()) == [1, 60, 30, 20, 500, 5]
+    assert batches == [[1], [60, 30], [20], [500], [5]]  # a message larger than the bound goes alone
+
+
 def test_a_refused_value_fails_only_its_own_message():
     async def write(items):
         if 3 in items:

@@ -30,7 +30,8 @@ from .intake import Envelope, new_message, store_messages
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 200
+MAX_BATCH = 200  # messages in one write
+MAX_BATCH_BYTES = 32 * 1024 * 1024  # of message data in one write (PostgreSQL caps a parameter at 1 GB)
 
 
 @dataclass
@@ -43,10 +44,13 @@ class GroupCommit:
     """Batches what `submit` is given while a write is in flight; `write` stores a batch, all or nothing."""
 
     def __init__(self, write: Callable[[list], Awaitable[list]], *, alone: Callable[[Exception], bool],
-                 max_batch: int = MAX_BATCH):
+                 size: Callable[[object], int] = lambda item: 0, max_batch: int = MAX_BATCH,
+                 max_bytes: int = MAX_BATCH_BYTES):
         self.write = write
         self.alone = alone  # does this error call for writing the batch's items one by one?
+        self.size = size
         self.max_batch = max_batch
+        self.max_bytes = max_bytes
         self.pending: list[tuple[object, asyncio.Future]] = []
         self.writing = False
 
@@ -61,7 +65,13 @@ class GroupCommit:
     async def _drain(self) -> None:
         try:
             while self.pending:
-                batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch:]
+                count, total = 0, 0
+                for item, _ in self.pending[: self.max_batch]:
+                    total += self.size(item)
+                    if count and total > self.max_bytes:
+                        break  # a large message waits for the next write (and one alone is always taken)
+                    count += 1
+                batch, self.pending = self.pending[:count], self.pending[count:]
                 await self._write(batch)
         finally:
             self.writing = False
@@ -98,7 +108,7 @@ class IntakeWriter:
 
     def __init__(self, run_sync: Callable[..., Awaitable]):
         self.run_sync = run_sync
-        self.group = GroupCommit(self._write_batch, alone=_refused_value)
+        self.group = GroupCommit(self._write_batch, alone=_refused_value, size=lambda item: len(item[1]))
 
     @staticmethod
     def for_database(run_sync: Callable[..., Awaitable], alias: str = "default") -> IntakeWriter:
