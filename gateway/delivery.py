@@ -12,19 +12,21 @@ import logging
 import re
 import smtplib
 import ssl
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.utils import timezone
 
-from . import dsn, queue, signing
+from . import dsn, queue, rowsql, signing
 from .auth.dmarc import strip_authentication_results
 from .auth.dns import TemporaryDNSError, get_sync_resolver
-from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Verdict, parse_host_port
+from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Route, Verdict, parse_host_port
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,25 @@ def mx_hosts(domain: str) -> list[str]:
     if hosts == [""]:
         raise NoRoute(f"domain {domain} accepts no mail (null MX)")
     return hosts
+
+
+_routes_cache: list = [None, 0.0]
+
+
+def active_routes() -> dict[str, Domain]:
+    """The active domains with their routes, as read at most CONFIG_CACHE_SECONDS ago: a look-up on the
+    path of every message otherwise. A change saved in this process is seen at once (signals below)."""
+    routes, read_at = _routes_cache
+    if routes is None or time.monotonic() - read_at >= settings.CONFIG_CACHE_SECONDS:
+        routes = {d.name: d for d in Domain.objects.filter(active=True).select_related("route")}
+        _routes_cache[:] = [routes, time.monotonic()]
+    return routes
+
+
+@receiver([post_save, post_delete], sender=Domain)
+@receiver([post_save, post_delete], sender=Route)
+def _routes_changed(**kwargs) -> None:
+    _routes_cache[:] = [None, 0.0]
 
 
 def destination_for(domain: str, config: MailFlowSettings, routes: dict[str, Domain]) -> list[Destination]:
@@ -139,24 +160,37 @@ def _reply(code: int, text: bytes | str) -> str:
 class DeliveryAttempt:
     """One pass over the due recipients of one message."""
 
-    def __init__(self, message: Message, raw: bytes | None = None):
+    def __init__(self, message: Message, raw: bytes | None = None, recipient_count: int | None = None,
+                 claimed: list[Recipient] | None = None):
         self.message = message
         self.raw = raw
+        # How many recipients the message has, when the caller knows (the scan just counted them): when this
+        # pass claims them all, the message's state follows from what the pass recorded, without a read.
+        self.recipient_count = recipient_count
         self.config = MailFlowSettings.cached()
         self.now = timezone.now()
+        # Recipients the caller already claimed for this pass (the scan, in the UPDATE of their verdict).
+        self.preclaimed = claimed
+        self.claimed: list[Recipient] = []
+        self.all_recorded = True  # every outcome of this pass was written under its claim
 
     def claim(self) -> list[Recipient]:
-        # The claim token is the timestamp: only rows this very update moved are ours.
-        due = Q(status__in=DUE_STATUSES) & (Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=self.now))
-        ids = list(self.message.recipients.filter(due).values_list("pk", flat=True))
-        if not ids:
-            return []
-        Recipient.objects.filter(pk__in=ids, status__in=DUE_STATUSES).update(
-            status=Recipient.Status.DELIVERING, claimed_at=self.now)
-        return list(Recipient.objects.filter(pk__in=ids, status=Recipient.Status.DELIVERING, claimed_at=self.now))
+        """The due recipients, claimed (→ delivering, the claim token being this pass's timestamp) and read in
+        one statement: only the rows this very statement moved come back."""
+        next_attempt = rowsql.column(Recipient, "next_attempt_at")
+        rows = rowsql.update_returning(
+            Recipient, {"status": Recipient.Status.DELIVERING, "claimed_at": self.now},
+            f"{rowsql.column(Recipient, 'message')} = %s AND {rowsql.state_is(Recipient, 'status', 2)} "
+            f"AND ({next_attempt} IS NULL OR {next_attempt} <= %s)",
+            [self.message.pk, *DUE_STATUSES, rowsql.value(Recipient, "next_attempt_at", self.now)])
+        self.claimed = sorted((recipient for recipient, _ in rows), key=lambda r: r.pk)
+        return self.claimed
 
     def run(self) -> None:
-        recipients = self.claim()
+        if self.preclaimed is not None:
+            self.claimed = recipients = self.preclaimed
+        else:
+            recipients = self.claim()
         if not recipients:
             return
         raw = self.raw
@@ -166,8 +200,7 @@ class DeliveryAttempt:
             self._finish(recipients, 554, "5.3.0 the stored message is gone", permanent=True)
             return
         raw = bytes(raw)
-        routes = {d.name: d for d in Domain.objects.filter(active=True, name__in={r.domain for r in recipients})
-                  .select_related("route")}
+        routes = active_routes()
         # One SMTP transaction per destination and per variant of the content (tagged or not, verdict header).
         groups: dict[tuple, list[Recipient]] = defaultdict(list)
         for recipient in recipients:
@@ -246,6 +279,7 @@ class DeliveryAttempt:
                 recipient.claimed_at = fresh
             else:
                 recipient.status = "lost"  # another worker has it now: leave it alone
+                self.all_recorded = False
         return [r for r in group if r.pk in mine]
 
     def _send_to(self, destination: Destination, group: list[Recipient], data: bytes) -> None:
@@ -300,6 +334,7 @@ class DeliveryAttempt:
             text = f"{text} (from {destination})"
         now = timezone.now()
         expired = now - self.message.received_at > self.config.queue_lifetime
+        groups: dict[tuple, list[Recipient]] = defaultdict(list)
         for recipient in recipients:
             held = recipient.claimed_at or self.now
             recipient.reply_code, recipient.reply_text = code, text
@@ -315,13 +350,33 @@ class DeliveryAttempt:
             else:
                 delay = backoff(recipient.attempts, settings.DELIVERY_RETRY_BASE, settings.DELIVERY_RETRY_MAX)
                 recipient.status, recipient.next_attempt_at = Recipient.Status.DEFERRED, now + timedelta(seconds=delay)
-            # Only while the claim is still ours: never overwrite what another worker recorded.
-            Recipient.objects.filter(pk=recipient.pk, status=Recipient.Status.DELIVERING, claimed_at=held).update(
-                status=recipient.status, reply_code=code, reply_text=text, attempts=recipient.attempts,
-                claimed_at=None, delivered_at=recipient.delivered_at, next_attempt_at=recipient.next_attempt_at)
+            groups[(held, recipient.status, recipient.attempts, recipient.delivered_at,
+                    recipient.next_attempt_at)].append(recipient)
             log.info("%s to <%s>: %s (%s)", self.message.queue_id, recipient.address, recipient.status, text)
+        # One UPDATE per outcome shared by several recipients (one for a one-recipient message), and only
+        # while the claim is still ours: never overwrite what another worker recorded.
+        for (held, status, attempts, delivered_at, next_attempt_at), group in groups.items():
+            ids = [r.pk for r in group]
+            written = rowsql.update(
+                Recipient,
+                {"status": status, "reply_code": code, "reply_text": text, "attempts": attempts, "claimed_at": None,
+                 "delivered_at": delivered_at, "next_attempt_at": next_attempt_at},
+                f"{rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))}) "
+                f"AND {rowsql.state_is(Recipient, 'status')} AND {rowsql.column(Recipient, 'claimed_at')} = %s",
+                [*ids, Recipient.Status.DELIVERING, rowsql.value(Recipient, "claimed_at", held)])
+            if written != len(ids):
+                self.all_recorded = False
 
     def _update_message(self) -> None:
+        if (self.recipient_count is not None and self.all_recorded and len(self.claimed) == self.recipient_count
+                and all(r.status == Recipient.Status.DELIVERED for r in self.claimed)):
+            # This pass claimed every recipient of the message and recorded each one delivered: the message's
+            # state follows without reading the recipients again, and no DSN or retry is due.
+            state = _state_from([Recipient.Status.DELIVERED], self.message.state)
+            rowsql.update(Message, {"state": state, "completed_at": timezone.now()},
+                          f"{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')}",
+                          [self.message.pk, self.message.state])
+            return
         statuses = list(self.message.recipients.values_list("status", flat=True))
         failures = {Recipient.Status.BOUNCED, Recipient.Status.EXPIRED}
         with transaction.atomic():
@@ -360,6 +415,7 @@ def _state_from(statuses: list[str], current: str) -> str:
     return Message.State.DELETED if s <= {Recipient.Status.DELETED} else current
 
 
-def deliver(message: Message, raw: bytes | None = None) -> None:
-    DeliveryAttempt(message, raw).run()
+def deliver(message: Message, raw: bytes | None = None, *, recipient_count: int | None = None,
+            claimed: list[Recipient] | None = None) -> None:
+    DeliveryAttempt(message, raw, recipient_count, claimed).run()
 

@@ -15,8 +15,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from quarantine.lists import list_decision
+from quarantine.lists import list_decision, lists_are_empty
 
+from . import rowsql
 from .models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict
 from .scanners import attachments, clamav, spamassassin
 
@@ -121,34 +122,16 @@ def worst(verdicts) -> str:
     return next((v for v in VERDICT_RANK if v in present), Verdict.CLEAN)
 
 
-@transaction.atomic
-def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> bool | None:
-    """Write the scan's outcome: per-recipient verdict and action, and the message's state.
+MESSAGE_VERDICT_FIELDS = ("verdict", "action", "spam_score", "spam_threshold", "spam_rules", "virus_names",
+                          "attachments", "scan_notes", "checks", "scanned_at", "last_error", "next_attempt_at",
+                          "quarantined", "state", "completed_at")
 
-    Returns True when recipients are now due for delivery (the caller delivers, or enqueues it), and
-    None when this scan's claim is no longer held (it went stale and another worker took the message).
-    """
-    still_ours = Message.objects.select_for_update().filter(
-        pk=message.pk, state=Message.State.SCANNING, claimed_at=message.claimed_at).exists()
-    if not still_ours:
-        return None
-    now = timezone.now()
-    recipients = list(message.recipients.filter(status=Recipient.Status.PENDING))
-    for recipient in recipients:
-        verdict, why = recipient_verdict(message, recipient, outcome.verdict)
-        action = config.action_for(verdict)
-        recipient.verdict, recipient.action = verdict, action
-        recipient.status = RECIPIENT_STATUS[action]
-        recipient.next_attempt_at = now if recipient.status == Recipient.Status.PENDING else None
-        if why:
-            outcome.notes.append(f"{recipient.address}: {why}")
-    if len(recipients) == 1:
-        recipients[0].save(update_fields=["verdict", "action", "status", "next_attempt_at"])
-    else:
-        Recipient.objects.bulk_update(recipients, ["verdict", "action", "status", "next_attempt_at"])
 
-    actions = {r.action for r in recipients}
-    message.verdict = outcome.verdict if outcome.verdict != Verdict.CLEAN else worst(r.verdict for r in recipients)
+def _outcome_to_message(message: Message, outcome: ScanOutcome, verdicts: list[str], actions: set[str],
+                        statuses: set[str], config: MailFlowSettings, now) -> bool:
+    """Set the message's scan fields from the recipients' verdicts, actions and statuses; True when
+    recipients are due for delivery."""
+    message.verdict = outcome.verdict if outcome.verdict != Verdict.CLEAN else worst(verdicts)
     message.action = next((a for a in (Action.QUARANTINE, Action.DELETE, Action.TAG, Action.DELIVER) if a in actions),
                           config.action_for(message.verdict))
     message.spam_score, message.spam_threshold = outcome.spam_score, outcome.spam_threshold
@@ -156,8 +139,9 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     message.attachments, message.scan_notes = outcome.attachments, outcome.notes
     message.checks = {**message.checks, "scan_seconds": outcome.timings}
     message.scanned_at, message.last_error, message.next_attempt_at = now, "", None
-    message.quarantined = any(r.status == Recipient.Status.QUARANTINED for r in recipients)
-    deliver = any(r.status == Recipient.Status.PENDING for r in recipients)
+    message.quarantined = Recipient.Status.QUARANTINED in statuses
+    deliver = Recipient.Status.PENDING in statuses
+    message.completed_at = None
     if message.quarantined:
         message.state = Message.State.QUARANTINED
     elif deliver:
@@ -165,13 +149,103 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     else:
         message.state = Message.State.DELETED
         message.completed_at = now
-    message.save(update_fields=[
-        "verdict", "action", "spam_score", "spam_threshold", "spam_rules", "virus_names", "attachments",
-        "scan_notes", "checks", "scanned_at", "last_error", "next_attempt_at", "quarantined", "state",
-        "completed_at"])
+    return deliver
+
+
+def _write_message(message: Message, claimed_at) -> bool:
+    """The scan's fields in one UPDATE, only while this scan's claim is held (that row is then locked)."""
+    return bool(rowsql.update(
+        Message, {name: getattr(message, name) for name in MESSAGE_VERDICT_FIELDS},
+        f"{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')} "
+        f"AND {rowsql.column(Message, 'claimed_at')} = %s",
+        [message.pk, Message.State.SCANNING, rowsql.value(Message, "claimed_at", claimed_at)]))
+
+
+def _pending_of(message: Message, ids: list[int] | None = None) -> tuple[str, list]:
+    """WHERE clause and parameters for the message's pending recipients (those of `ids` only, if given)."""
+    where = f"{rowsql.column(Recipient, 'message')} = %s AND {rowsql.state_is(Recipient, 'status')}"
+    params: list = [message.pk, Recipient.Status.PENDING]
+    if ids is not None:
+        where += f" AND {rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))})"
+        params += ids
+    return where, params
+
+
+@dataclass
+class Applied:
+    """What apply_verdict wrote: whether recipients are due for delivery, and those of them it already
+    claimed for the caller's delivery (status delivering under this scan's timestamp), if it was asked to."""
+
+    deliver: bool
+    claimed: list[Recipient] | None = None
+
+
+@transaction.atomic
+def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings, *,
+                  claim_delivery: bool = False) -> Applied | None:
+    """Write the scan's outcome: per-recipient verdict and action, and the message's state.
+
+    Returns what is now due for delivery (the caller delivers, or enqueues it), and None when this scan's
+    claim is no longer held (it went stale and another worker took the message). The message row is
+    written (and locked) first, under the claim, then the recipients: the same order as every other
+    writer of both, and nothing is written when the claim is lost.
+
+    With claim_delivery, the recipients to deliver are claimed for the caller in the same UPDATE that
+    records their verdict (the caller delivers at once): one write per recipient fewer. Should the
+    caller die before it records an outcome, the sweeper hands the stale claim back, as it does for a
+    delivery that died on the way.
+    """
+    now = timezone.now()
+    claimed_at = message.claimed_at
+    if lists_are_empty():
+        # No allow/block entry exists, so every pending recipient gets the scan's own verdict: one UPDATE
+        # for all of them instead of a read and a write each (the path of nearly every message).
+        action = config.action_for(outcome.verdict)
+        status = RECIPIENT_STATUS[action]
+        deliver = _outcome_to_message(message, outcome, [outcome.verdict], {action}, {status}, config, now)
+        if not _write_message(message, claimed_at):
+            return None
+        values = {"verdict": outcome.verdict, "action": action, "status": status,
+                  "next_attempt_at": now if status == Recipient.Status.PENDING else None}
+        claimed = None
+        if deliver and claim_delivery:
+            values.update(status=Recipient.Status.DELIVERING, claimed_at=now)
+            claimed = [r for r, _ in rowsql.update_returning(Recipient, values, *_pending_of(message))]
+            count = len(claimed)
+        else:
+            count = rowsql.update(Recipient, values, *_pending_of(message))
+        if not count:
+            # No recipient was pending: nothing to deliver or hold (the message was all but empty).
+            deliver, claimed = _outcome_to_message(message, outcome, [], set(), set(), config, now), None
+            rowsql.update(Message, {name: getattr(message, name) for name in MESSAGE_VERDICT_FIELDS},
+                          f"{rowsql.column(Message, 'id')} = %s", [message.pk])
+        result = Applied(deliver, sorted(claimed, key=lambda r: r.pk) if claimed is not None else None)
+    else:
+        still_ours = Message.objects.select_for_update().filter(
+            pk=message.pk, state=Message.State.SCANNING, claimed_at=claimed_at).exists()
+        if not still_ours:
+            return None
+        recipients = list(message.recipients.filter(status=Recipient.Status.PENDING))
+        groups: dict[tuple, list[int]] = {}
+        for recipient in recipients:
+            verdict, why = recipient_verdict(message, recipient, outcome.verdict)
+            action = config.action_for(verdict)
+            recipient.verdict, recipient.action = verdict, action
+            recipient.status = RECIPIENT_STATUS[action]
+            groups.setdefault((verdict, action, recipient.status), []).append(recipient.pk)
+            if why:
+                outcome.notes.append(f"{recipient.address}: {why}")
+        for (verdict, action, status), ids in groups.items():
+            rowsql.update(Recipient, {"verdict": verdict, "action": action, "status": status,
+                                      "next_attempt_at": now if status == Recipient.Status.PENDING else None},
+                          *_pending_of(message, ids))
+        deliver = _outcome_to_message(message, outcome, [r.verdict for r in recipients],
+                                      {r.action for r in recipients}, {r.status for r in recipients}, config, now)
+        _write_message(message, claimed_at)
+        result = Applied(deliver)  # the recipients stay pending: the caller's delivery claims them
     if message.state == Message.State.DELETED:
         # The "delete" action discards the mail; its log entry stays.
         RawMessage.objects.filter(message=message).delete()
     log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
              message.action, message.spam_score, ",".join(message.virus_names) or "-")
-    return deliver
+    return result

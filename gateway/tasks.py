@@ -9,28 +9,43 @@ from datetime import timedelta
 
 from celery import shared_task
 from django.conf import settings
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 
-from . import delivery, pipeline, queue
+from . import delivery, pipeline, queue, rowsql
 from .models import MailFlowSettings, Message, RawMessage, Recipient
 from .scanners import ScannerUnavailable, spamassassin
 
 log = logging.getLogger(__name__)
 
 
+def claim_scan(message_id: int) -> tuple[Message, bytes, int] | None:
+    """Claim the message for a scan (received or scan-deferred → scanning, one more attempt) and read it,
+    its raw bytes and its number of recipients, in one statement; None when it is not there to claim."""
+    message_table, raw_table, recipient_table = (rowsql.table(m) for m in (Message, RawMessage, Recipient))
+    message_id_column = f"{message_table}.{rowsql.column(Message, 'id')}"
+    attempts = rowsql.column(Message, "attempts")
+    rows = rowsql.update_returning(
+        Message,
+        {"state": Message.State.SCANNING, "claimed_at": timezone.now(), "attempts": rowsql.Raw(f"{attempts} + 1")},
+        f"{message_id_column} = %s AND {rowsql.state_is(Message, 'state', 2)}",
+        [message_id, Message.State.RECEIVED, Message.State.SCAN_DEFERRED],
+        extra=[f"(SELECT {rowsql.column(RawMessage, 'data')} FROM {raw_table} "
+               f"WHERE {rowsql.column(RawMessage, 'message')} = {message_id_column})",
+               f"(SELECT COUNT(*) FROM {recipient_table} "
+               f"WHERE {rowsql.column(Recipient, 'message')} = {message_id_column})"])
+    if not rows:
+        return None
+    ((message, (raw, recipient_count)),) = rows
+    return message, bytes(raw or b""), int(recipient_count)
+
+
 def run_scan(message_id: int) -> str:
-    message = Message.objects.filter(pk=message_id).first()
-    if message is None:
-        return "gone"
-    # The claim, and the count of attempts, in one statement.
-    claimed_at = timezone.now()
-    claimed = Message.objects.filter(pk=message.pk, state__in=[Message.State.RECEIVED, Message.State.SCAN_DEFERRED]) \
-        .update(state=Message.State.SCANNING, claimed_at=claimed_at, attempts=F("attempts") + 1)
-    if not claimed:
-        return "taken"
-    message.state, message.attempts, message.claimed_at = Message.State.SCANNING, message.attempts + 1, claimed_at
-    raw = bytes(RawMessage.objects.filter(message=message).values_list("data", flat=True).first() or b"")
+    claimed = claim_scan(message_id)
+    if claimed is None:
+        return "taken" if Message.objects.filter(pk=message_id).exists() else "gone"
+    message, raw, recipient_count = claimed
+    claimed_at = message.claimed_at
     config = MailFlowSettings.cached()
     try:
         outcome = pipeline.scan(message, raw, config)
@@ -43,13 +58,14 @@ def run_scan(message_id: int) -> str:
         log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
         queue.enqueue_scan(message.pk, countdown=delay)
         return "deferred"
-    deliver = pipeline.apply_verdict(message, outcome, config)
-    if deliver is None:
+    applied = pipeline.apply_verdict(message, outcome, config, claim_delivery=True)
+    if applied is None:
         return "taken"  # the claim went stale and another worker scanned it meanwhile
-    if deliver:
-        # Delivered here and now, with the message and its bytes in hand: no second task, no second read.
-        # A failure leaves the recipients due, and deliver_message / the sweeper retries them.
-        delivery.deliver(message, raw)
+    if applied.deliver:
+        # Delivered here and now, with the message, its bytes and (usually) its claimed recipients in hand:
+        # no second task, no second read. A failure leaves the recipients due, and deliver_message / the
+        # sweeper retries them.
+        delivery.deliver(message, raw, recipient_count=recipient_count, claimed=applied.claimed)
     return message.verdict
 
 

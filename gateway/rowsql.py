@@ -1,0 +1,133 @@
+"""Hand-written UPDATE statements for the path every message takes (scan, verdict, delivery).
+
+The ORM builds each statement anew (~0.5-1 ms of Python per statement) and has no `UPDATE … RETURNING`,
+so a claim costs it an UPDATE plus a SELECT. These helpers write the SQL once from the model's own
+metadata (table and column names, each field's conversion of values to and from the database), so
+they work on PostgreSQL and on SQLite (3.35+, `make run`) alike, and return model instances as the ORM
+would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import cache
+from typing import Any, TypeVar
+
+from django.db import connections, models
+
+M = TypeVar("M", bound=models.Model)
+
+
+# Names are quoted once per process: these run several times per statement.
+@cache
+def quote(name: str, using: str = "default") -> str:
+    return connections[using].ops.quote_name(name)
+
+
+@cache
+def table(model: type[models.Model], using: str = "default") -> str:
+    return quote(model._meta.db_table, using)
+
+
+@cache
+def column(model: type[models.Model], name: str, using: str = "default") -> str:
+    return quote(model._meta.get_field(name).column, using)
+
+
+@cache
+def _returning(model: type[models.Model], using: str) -> tuple[str, tuple, tuple]:
+    """`RETURNING` list of every concrete column, their attribute names, and each one's converters."""
+    connection = connections[using]
+    fields = model._meta.concrete_fields
+    sql = ", ".join(f"{table(model, using)}.{quote(f.column, using)}" for f in fields)
+    converters = []
+    for f in fields:
+        col = f.get_col(model._meta.db_table)
+        converters.append((col, tuple(connection.ops.get_db_converters(col) + f.get_db_converters(connection))))
+    return sql, tuple(f.attname for f in fields), tuple(converters)
+
+
+def state_is(model: type[models.Model], name: str, count: int = 1, using: str = "default") -> str:
+    """`(<column> IN (%s, …)) IS TRUE`: a state check the planner cannot answer from an index.
+
+    Every message passes through each state, so an index led by the state column (message_due,
+    recipient_due) holds many dead entries for 'scanning', 'delivering' … until VACUUM; with a plain
+    `state = %s` beside `id = %s`, PostgreSQL costs both indexes alike and often walks the state one
+    (measured: 1.2 ms instead of 0.03 ms per UPDATE). Written this way, the row is found by its key and
+    the state only checked on it.
+    """
+    return f"({column(model, name, using)} IN ({', '.join(['%s'] * count)})) IS TRUE"
+
+
+_AS_IS = (str, int, float, bool, type(None))
+
+
+@cache
+def _prepared(model: type[models.Model], name: str) -> models.Field | None:
+    """The field, when its values need the field's own conversion; None for text, number and boolean
+    fields, whose plain Python values the database drivers take as they are (the ORM passes them
+    through unchanged too)."""
+    field = model._meta.get_field(name)
+    plain = (models.CharField, models.TextField, models.IntegerField, models.FloatField, models.BooleanField)
+    return None if isinstance(field, plain) and not isinstance(field, models.JSONField) else field
+
+
+def value(model: type[models.Model], name: str, data: Any, using: str = "default") -> Any:
+    """A Python value as the field saves it (JSON adapted, datetimes in the backend's form)."""
+    field = _prepared(model, name)
+    if field is None and isinstance(data, _AS_IS):
+        return data
+    return model._meta.get_field(name).get_db_prep_save(data, connection=connections[using])
+
+
+def assignments(model: type[models.Model], values: dict[str, Any], using: str = "default") -> tuple[str, list]:
+    """`col = %s, …` and its parameters; a value that is an SQL snippet wrapped in `Raw` goes in as is."""
+    parts, params = [], []
+    for name, data in values.items():
+        if isinstance(data, Raw):
+            parts.append(f"{column(model, name, using)} = {data.sql}")
+            params.extend(data.params)
+        else:
+            parts.append(f"{column(model, name, using)} = %s")
+            params.append(value(model, name, data, using))
+    return ", ".join(parts), params
+
+
+class Raw:
+    """An SQL expression in a SET list, such as `attempts + 1`."""
+
+    def __init__(self, sql: str, params: Sequence[Any] = ()):
+        self.sql, self.params = sql, list(params)
+
+
+def update(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any] = (),
+           using: str = "default") -> int:
+    """`UPDATE table SET … WHERE <where>`; the number of rows changed."""
+    sets, set_params = assignments(model, values, using)
+    with connections[using].cursor() as cursor:
+        cursor.execute(f"UPDATE {table(model, using)} SET {sets} WHERE {where}", [*set_params, *params])
+        return cursor.rowcount
+
+
+def update_returning(model: type[M], values: dict[str, Any], where: str, params: Iterable[Any] = (),
+                     extra: Sequence[str] = (), using: str = "default") -> list[tuple[M, tuple]]:
+    """`UPDATE … RETURNING` every column (and the `extra` expressions): the changed rows as instances,
+    each with the values of its extra expressions. This is a claim and the read of what it claimed in
+    one statement: only the rows this very statement moved come back."""
+    connection = connections[using]
+    returning, names, converters = _returning(model, using)
+    sets, set_params = assignments(model, values, using)
+    extras = "".join(f", {expression}" for expression in extra)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {table(model, using)} SET {sets} WHERE {where} RETURNING {returning}{extras}",
+                       [*set_params, *params])
+        rows = cursor.fetchall()
+    out = []
+    width = len(names)
+    for row in rows:
+        values_in = list(row[:width])
+        for index, (col, funcs) in enumerate(converters):
+            for func in funcs:
+                values_in[index] = func(values_in[index], col, connection)
+        out.append((model.from_db(using, names, values_in), tuple(row[width:])))
+    return out

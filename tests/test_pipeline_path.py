@@ -1,0 +1,118 @@
+"""The path every message takes, scan then delivery in one task: few statements, and claims that hold.
+
+The statements are hand-written `UPDATE … RETURNING` (gateway/rowsql.py); these tests pin how many a
+message costs and that each claim still moves only what it owns.
+"""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from gateway import pipeline, tasks
+from gateway.delivery import DeliveryAttempt
+from gateway.models import MailFlowSettings, Message, Recipient, Verdict
+from tests.mail import message
+from tests.test_delivery import send
+
+pytestmark = pytest.mark.usefixtures("scanners_off")
+
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE SAVEPOINT")
+
+
+def statements(ctx: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in ctx.captured_queries if not q["sql"].upper().startswith(TRANSACTION_CONTROL)]
+
+
+@pytest.fixture
+def received(gateway_smtp, protected_domain, capture_server, settings):
+    """Messages stay 'received' after intake: the test runs the scan task itself."""
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    MailFlowSettings.cached()  # the settings snapshot of a running worker
+
+    def receive(to=("bob@example.org",)) -> Message:
+        return send(gateway_smtp, message(), to=to)
+
+    return receive
+
+
+def test_scan_and_delivery_of_a_one_recipient_message_take_five_statements(received, capture_server):
+    msg = received()
+    tasks.run_scan(msg.pk)  # a first message warms the per-process snapshots (settings, lists, routes)
+    msg = received()
+    with CaptureQueriesContext(connection) as ctx:
+        assert tasks.run_scan(msg.pk) == Verdict.CLEAN
+    # Claim and read (1), verdict of the message and of its recipient, claimed for delivery (2), the
+    # recipient's outcome (1), the message's final state (1).
+    assert len(statements(ctx)) == 5, statements(ctx)
+    msg.refresh_from_db()
+    (recipient,) = msg.recipients.all()
+    assert msg.state == Message.State.DELIVERED and msg.completed_at is not None
+    assert (recipient.status, recipient.reply_code, recipient.attempts) == (Recipient.Status.DELIVERED, 250, 1)
+    assert recipient.claimed_at is None and recipient.verdict == Verdict.CLEAN
+    assert len(capture_server.messages) == 2
+
+
+def test_a_message_is_scanned_once_and_a_missing_one_is_gone(received):
+    msg = received()
+    assert tasks.claim_scan(msg.pk) is not None
+    # Claimed (state scanning): a second task for the same message leaves it alone.
+    assert tasks.claim_scan(msg.pk) is None
+    assert tasks.run_scan(msg.pk) == "taken"
+    assert tasks.run_scan(10**9) == "gone"
+    msg.refresh_from_db()
+    assert (msg.state, msg.attempts) == (Message.State.SCANNING, 1)
+
+
+def test_a_stale_scan_claim_writes_no_verdict(received, capture_server):
+    msg = received()
+    claimed, raw, count = tasks.claim_scan(msg.pk)
+    assert (raw, count) == (bytes(msg.raw.data), 1)
+    outcome = pipeline.scan(claimed, raw, MailFlowSettings.cached())
+    # Meanwhile the sweeper judged the claim stale and another worker claimed the message again.
+    Message.objects.filter(pk=msg.pk).update(claimed_at=timezone.now())
+    assert pipeline.apply_verdict(claimed, outcome, MailFlowSettings.cached(), claim_delivery=True) is None
+    msg.refresh_from_db()
+    (recipient,) = msg.recipients.all()
+    assert msg.state == Message.State.SCANNING and msg.verdict == ""
+    assert (recipient.status, recipient.verdict, recipient.claimed_at) == (Recipient.Status.PENDING, "", None)
+    assert capture_server.messages == []
+
+
+def test_a_delivery_claim_moves_each_due_recipient_once(received):
+    msg = received(to=("bob@example.org", "carol@example.org"))
+    Message.objects.filter(pk=msg.pk).update(state=Message.State.DELIVERING)
+    Recipient.objects.filter(message=msg).update(next_attempt_at=timezone.now())
+    first, second = DeliveryAttempt(msg), DeliveryAttempt(msg)
+    claimed = first.claim()
+    assert [r.address for r in claimed] == ["bob@example.org", "carol@example.org"]
+    assert all(r.status == Recipient.Status.DELIVERING and r.claimed_at == first.now for r in claimed)
+    assert second.claim() == []
+
+
+def test_a_list_entry_gives_recipients_their_own_verdict(received, capture_server):
+    from quarantine.models import SenderListEntry
+
+    msg = received(to=("bob@example.org", "carol@example.org"))
+    SenderListEntry.objects.create(kind="block", scope="global", sender="alice@sender.example")
+    Recipient.objects.filter(message=msg, address="bob@example.org").update(status=Recipient.Status.DELIVERED)
+    tasks.run_scan(msg.pk)
+    msg.refresh_from_db()
+    statuses = dict(msg.recipients.values_list("address", "status"))
+    # bob's row was no longer pending: the scan leaves it; carol's sender is blocked: held.
+    assert statuses == {"bob@example.org": Recipient.Status.DELIVERED,
+                        "carol@example.org": Recipient.Status.QUARANTINED}
+    assert (msg.state, msg.verdict, msg.quarantined) == (Message.State.QUARANTINED, Verdict.BLOCKED_SENDER, True)
+    assert capture_server.messages == []
+
+
+def test_a_partial_failure_reads_the_recipients_back_and_sends_a_dsn(received, capture_server):
+    capture_server.handler.rcpt_script["carol@example.org"] = ["550 5.1.1 no such user"]
+    msg = received(to=("bob@example.org", "carol@example.org"))
+    tasks.run_scan(msg.pk)
+    msg.refresh_from_db()
+    statuses = dict(msg.recipients.values_list("address", "status"))
+    assert statuses == {"bob@example.org": Recipient.Status.DELIVERED, "carol@example.org": Recipient.Status.BOUNCED}
+    assert msg.state == Message.State.PARTIAL
+    assert msg.recipients.get(address="carol@example.org").dsn_sent
+    assert [m.recipients for m in capture_server.messages] == [["bob@example.org"]]
