@@ -69,3 +69,25 @@ def test_every_corpus_message_scans_without_crashing(corpus):
             scan(read_mail(path))
             count += 1
     assert count > 300
+
+
+def test_one_text_part_is_judged_from_its_header_section_alone(monkeypatch):
+    import email
+
+    from gateway.scanners import attachments
+
+    parsed = []
+    real = email.message_from_bytes
+    monkeypatch.setattr(attachments.email, "message_from_bytes", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    plain = b"From: a@example.org\r\nSubject: hi\r\n\r\nMZ is not an attachment here\r\n"
+    typed = b"Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
+    assert scan(plain).attachments == [] and scan(typed).attachments == [] and parsed == []
+    # A named text part, a non-text body, a message/rfc822 wrapper: the whole structure is walked.
+    named = b"Content-Type: text/plain; name=run.bat\r\n\r\necho hi\r\n"
+    assert scan(named).blocked[0]["name"] == "run.bat"
+    exe = b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA//8=\r\n"
+    assert scan(exe).blocked[0]["sniffed_type"] == "application/x-dosexec"
+    inner = message(attachments=[("setup.exe", "application/octet-stream", MZ_PROGRAM)])
+    wrapped = b"Content-Type: message/rfc822\r\n\r\n" + inner
+    assert [a["name"] for a in scan(wrapped).blocked] == ["setup.exe"]
+    assert len(parsed) == 3

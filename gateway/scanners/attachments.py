@@ -13,6 +13,7 @@ import email.policy
 import fnmatch
 import hashlib
 import io
+import re
 import unicodedata
 import zipfile
 from dataclasses import dataclass, field
@@ -79,6 +80,32 @@ def name_blocked(name: str, patterns: list[str]) -> str:
     return ""
 
 
+_FOLD = re.compile(rb"\r?\n[ \t]+")
+_CONTENT_HEADER = re.compile(rb"^content-(type|disposition)[ \t]*:(.*)$", re.IGNORECASE | re.MULTILINE)
+
+
+def _plain_text_only(raw: bytes) -> bool:
+    """True for a message that is one text part without a file name, read from its header section alone.
+
+    Such a message has no attachment to report (the full walk below skips a nameless text part), so its
+    body need not be parsed at all: for most mail that is the whole cost of this scanner. The test is
+    conservative, a few byte searches instead of a parser: anything but a single `Content-Type: text/…`
+    without a name-like parameter (multipart, message/*, another type, a Content-Disposition, a name,
+    a second Content-Type) takes the full walk.
+    """
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    head = raw[:end] if end >= 0 else raw
+    found = _CONTENT_HEADER.findall(_FOLD.sub(b" ", head))
+    if not found:
+        return True  # no Content-Type: text/plain (RFC 2045 §5.1), and no Content-Disposition
+    if len(found) > 1 or found[0][0].lower() != b"type":
+        return False
+    value = found[0][1].strip().lower()
+    return value.startswith(b"text/") and b"name" not in value
+
+
 class AttachmentScanner:
     def __init__(self, patterns: list[str], *, block_executables: bool = True):
         self.patterns = patterns
@@ -86,6 +113,8 @@ class AttachmentScanner:
 
     def scan(self, raw: bytes) -> AttachmentReport:
         report = AttachmentReport()
+        if _plain_text_only(raw):
+            return report
         try:
             message = email.message_from_bytes(raw, policy=email.policy.compat32)
             parts = list(message.walk())
