@@ -116,3 +116,24 @@ def test_a_partial_failure_reads_the_recipients_back_and_sends_a_dsn(received, c
     assert msg.state == Message.State.PARTIAL
     assert msg.recipients.get(address="carol@example.org").dsn_sent
     assert [m.recipients for m in capture_server.messages] == [["bob@example.org"]]
+
+
+def test_the_statements_of_the_path_are_prepared_once_per_connection(received, settings):
+    if connection.vendor != "postgresql":
+        pytest.skip("server-side prepared statements are PostgreSQL's")
+
+    def prepared() -> set[str]:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            return {row[0] for row in cursor.fetchall()}
+
+    before = prepared()
+    for _ in range(2):
+        assert tasks.run_scan(received().pk) == Verdict.CLEAN
+    new = prepared() - before
+    # The scan claim, the verdict (message, then recipients), the outcome, the final state: prepared once
+    # and reused for the second message (psycopg keys them by text and parameter types).
+    assert len(new) == 5 and all(text.startswith("UPDATE") for text in new), new
+    settings.DB_PREPARED_STATEMENTS = False
+    assert tasks.run_scan(received().pk) == Verdict.CLEAN
+    assert prepared() - before == new
