@@ -183,6 +183,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 # PostgreSQL backend per task. Connections are kept instead; appliance/celery.py still drops old or
 # broken ones before each task (CONN_MAX_AGE, CONN_HEALTH_CHECKS).
 CELERY_DB_REUSE_MAX = envint("CELERY_DB_REUSE_MAX", "1000000")
+# The few UPDATEs every message takes (gateway/rowsql.py) run as server-side prepared statements on
+# PostgreSQL; off for a transaction-mode connection pooler that cannot keep prepared statements.
+DB_PREPARED_STATEMENTS = envbool("DB_PREPARED_STATEMENTS", "True")
 CELERY_BEAT_SCHEDULE = {
     "sweep": {"task": "gateway.tasks.sweep", "schedule": envfloat("SWEEP_INTERVAL", "60")},
     "rollup": {"task": "reports.tasks.rollup", "schedule": envfloat("ROLLUP_INTERVAL", "60")},
