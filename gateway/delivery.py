@@ -173,6 +173,8 @@ class DeliveryAttempt:
         self.preclaimed = claimed
         self.claimed: list[Recipient] = []
         self.all_recorded = True  # every outcome of this pass was written under its claim
+        self.finished_any = False  # an outcome was recorded already in this pass
+        self.message_done = False  # the message's final state was written with the last outcome
 
     def claim(self) -> list[Recipient]:
         """The due recipients, claimed (→ delivering, the claim token being this pass's timestamp) and read in
@@ -355,19 +357,38 @@ class DeliveryAttempt:
             log.info("%s to <%s>: %s (%s)", self.message.queue_id, recipient.address, recipient.status, text)
         # One UPDATE per outcome shared by several recipients (one for a one-recipient message), and only
         # while the claim is still ours: never overwrite what another worker recorded.
+        last = (delivered and not self.finished_any and len(groups) == 1 and self.recipient_count is not None
+                and len(recipients) == len(self.claimed) == self.recipient_count)
+        self.finished_any = True
         for (held, status, attempts, delivered_at, next_attempt_at), group in groups.items():
             ids = [r.pk for r in group]
-            written = rowsql.update(
-                Recipient,
-                {"status": status, "reply_code": code, "reply_text": text, "attempts": attempts, "claimed_at": None,
-                 "delivered_at": delivered_at, "next_attempt_at": next_attempt_at},
-                f"{rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))}) "
-                f"AND {rowsql.state_is(Recipient, 'status')} AND {rowsql.column(Recipient, 'claimed_at')} = %s",
-                [*ids, Recipient.Status.DELIVERING, rowsql.value(Recipient, "claimed_at", held)])
-            if written != len(ids):
+            values = {"status": status, "reply_code": code, "reply_text": text, "attempts": attempts,
+                      "claimed_at": None, "delivered_at": delivered_at, "next_attempt_at": next_attempt_at}
+            where = (f"{rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))}) "
+                     f"AND {rowsql.state_is(Recipient, 'status')} AND {rowsql.column(Recipient, 'claimed_at')} = %s")
+            params = [*ids, Recipient.Status.DELIVERING, rowsql.value(Recipient, "claimed_at", held)]
+            if last and rowsql.writes_in_one_statement():
+                self._record_last(values, where, params, len(ids), now)
+            elif rowsql.update(Recipient, values, where, params) != len(ids):
                 self.all_recorded = False
 
+    def _record_last(self, values: dict, where: str, params: list, count: int, now) -> None:
+        """PostgreSQL: every recipient of the message was delivered in this one SMTP transaction: their
+        outcome and the message's final state in one statement (a WITH), the state only if every
+        recipient was still ours."""
+        sql, sql_params = rowsql.update_sql(Recipient, values, where, params, returning=rowsql.column(Recipient, "id"))
+        written = rowsql.update(
+            Message, {"state": _state_from([Recipient.Status.DELIVERED], self.message.state), "completed_at": now},
+            f"{rowsql.table(Message)}.{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')} "
+            "AND (SELECT COUNT(*) FROM done) = %s",
+            [self.message.pk, self.message.state, count], with_=rowsql.With("done", sql, sql_params))
+        # Not written: a claim was lost or someone else moved the message; _update_message reads back.
+        self.message_done = bool(written)
+        self.all_recorded = self.all_recorded and bool(written)
+
     def _update_message(self) -> None:
+        if self.message_done:
+            return
         if (self.recipient_count is not None and self.all_recorded and len(self.claimed) == self.recipient_count
                 and all(r.status == Recipient.Status.DELIVERED for r in self.claimed)):
             # This pass claimed every recipient of the message and recorded each one delivered: the message's

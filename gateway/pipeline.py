@@ -152,15 +152,6 @@ def _outcome_to_message(message: Message, outcome: ScanOutcome, verdicts: list[s
     return deliver
 
 
-def _write_message(message: Message, claimed_at) -> bool:
-    """The scan's fields in one UPDATE, only while this scan's claim is held (that row is then locked)."""
-    return bool(rowsql.update(
-        Message, {name: getattr(message, name) for name in MESSAGE_VERDICT_FIELDS},
-        f"{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')} "
-        f"AND {rowsql.column(Message, 'claimed_at')} = %s",
-        [message.pk, Message.State.SCANNING, rowsql.value(Message, "claimed_at", claimed_at)]))
-
-
 def _pending_of(message: Message, ids: list[int] | None = None) -> tuple[str, list]:
     """WHERE clause and parameters for the message's pending recipients (those of `ids` only, if given)."""
     where = f"{rowsql.column(Recipient, 'message')} = %s AND {rowsql.state_is(Recipient, 'status')}"
@@ -180,7 +171,6 @@ class Applied:
     claimed: list[Recipient] | None = None
 
 
-@transaction.atomic
 def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings, *,
                   claim_delivery: bool = False) -> Applied | None:
     """Write the scan's outcome: per-recipient verdict and action, and the message's state.
@@ -196,56 +186,122 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     delivery that died on the way.
     """
     now = timezone.now()
-    claimed_at = message.claimed_at
     if lists_are_empty():
         # No allow/block entry exists, so every pending recipient gets the scan's own verdict: one UPDATE
         # for all of them instead of a read and a write each (the path of nearly every message).
         action = config.action_for(outcome.verdict)
         status = RECIPIENT_STATUS[action]
         deliver = _outcome_to_message(message, outcome, [outcome.verdict], {action}, {status}, config, now)
-        if not _write_message(message, claimed_at):
-            return None
         values = {"verdict": outcome.verdict, "action": action, "status": status,
                   "next_attempt_at": now if status == Recipient.Status.PENDING else None}
-        claimed = None
-        if deliver and claim_delivery:
+        claim = deliver and claim_delivery
+        if claim:
             values.update(status=Recipient.Status.DELIVERING, claimed_at=now)
-            claimed = [r for r, _ in rowsql.update_returning(Recipient, values, *_pending_of(message))]
-            count = len(claimed)
+        if message.state != Message.State.DELETED and rowsql.writes_in_one_statement():
+            result = _uniform_in_one_statement(message, outcome, config, values, claim, now)
         else:
-            count = rowsql.update(Recipient, values, *_pending_of(message))
-        if not count:
-            # No recipient was pending: nothing to deliver or hold (the message was all but empty).
-            deliver, claimed = _outcome_to_message(message, outcome, [], set(), set(), config, now), None
-            rowsql.update(Message, {name: getattr(message, name) for name in MESSAGE_VERDICT_FIELDS},
-                          f"{rowsql.column(Message, 'id')} = %s", [message.pk])
-        result = Applied(deliver, sorted(claimed, key=lambda r: r.pk) if claimed is not None else None)
+            result = _uniform_in_a_transaction(message, outcome, config, values, claim, now)
     else:
-        still_ours = Message.objects.select_for_update().filter(
-            pk=message.pk, state=Message.State.SCANNING, claimed_at=claimed_at).exists()
-        if not still_ours:
-            return None
-        recipients = list(message.recipients.filter(status=Recipient.Status.PENDING))
-        groups: dict[tuple, list[int]] = {}
-        for recipient in recipients:
-            verdict, why = recipient_verdict(message, recipient, outcome.verdict)
-            action = config.action_for(verdict)
-            recipient.verdict, recipient.action = verdict, action
-            recipient.status = RECIPIENT_STATUS[action]
-            groups.setdefault((verdict, action, recipient.status), []).append(recipient.pk)
-            if why:
-                outcome.notes.append(f"{recipient.address}: {why}")
-        for (verdict, action, status), ids in groups.items():
-            rowsql.update(Recipient, {"verdict": verdict, "action": action, "status": status,
-                                      "next_attempt_at": now if status == Recipient.Status.PENDING else None},
-                          *_pending_of(message, ids))
-        deliver = _outcome_to_message(message, outcome, [r.verdict for r in recipients],
-                                      {r.action for r in recipients}, {r.status for r in recipients}, config, now)
-        _write_message(message, claimed_at)
-        result = Applied(deliver)  # the recipients stay pending: the caller's delivery claims them
+        result = _per_recipient(message, outcome, config, now)
+    if result is not None:
+        log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
+                 message.action, message.spam_score, ",".join(message.virus_names) or "-")
+    return result
+
+
+def _claim_check(message: Message) -> tuple[str, list]:
+    return (f"{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')} "
+            f"AND {rowsql.column(Message, 'claimed_at')} = %s",
+            [message.pk, Message.State.SCANNING, rowsql.value(Message, "claimed_at", message.claimed_at)])
+
+
+def _verdict_fields(message: Message) -> dict:
+    return {name: getattr(message, name) for name in MESSAGE_VERDICT_FIELDS}
+
+
+def _uniform_in_one_statement(message: Message, outcome: ScanOutcome, config: MailFlowSettings, values: dict,
+                              claim: bool, now) -> Applied | None:
+    """PostgreSQL: the message's UPDATE under the claim as a WITH, its pending recipients' UPDATE joined
+    to it: both or neither, in one statement and one commit, without a transaction block (BEGIN and
+    COMMIT are round trips of their own)."""
+    message_id = rowsql.column(Message, "id")
+    sql, params = rowsql.update_sql(Message, _verdict_fields(message), *_claim_check(message), returning=message_id)
+    scanned = rowsql.With("scanned", sql, params)
+    where = (f"{rowsql.table(Recipient)}.{rowsql.column(Recipient, 'message')} = scanned.{message_id} "
+             f"AND {rowsql.state_is(Recipient, 'status')}")
+    claimed = None
+    if claim:
+        rows = rowsql.update_returning(Recipient, values, where, [Recipient.Status.PENDING], with_=scanned)
+        claimed = sorted((r for r, _ in rows), key=lambda r: r.pk)
+        count = len(claimed)
+    else:
+        count = rowsql.update(Recipient, values, where, [Recipient.Status.PENDING], with_=scanned)
+    if count:
+        return Applied(message.state == Message.State.DELIVERING, claimed)
+    # No recipient row changed: the claim was lost (nothing written), or none was pending (written).
+    if not Message.objects.filter(pk=message.pk, state=message.state, scanned_at=now).exists():
+        return None
+    with transaction.atomic():
+        return _no_recipient_pending(message, outcome, config, now)
+
+
+def _no_recipient_pending(message: Message, outcome: ScanOutcome, config: MailFlowSettings, now) -> Applied:
+    """No recipient was pending: nothing to deliver or hold (the message was all but empty)."""
+    _outcome_to_message(message, outcome, [], set(), set(), config, now)
+    rowsql.update(Message, _verdict_fields(message), f"{rowsql.column(Message, 'id')} = %s", [message.pk])
+    _discard_if_deleted(message)
+    return Applied(False)
+
+
+def _discard_if_deleted(message: Message) -> None:
     if message.state == Message.State.DELETED:
         # The "delete" action discards the mail; its log entry stays.
         RawMessage.objects.filter(message=message).delete()
-    log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
-             message.action, message.spam_score, ",".join(message.virus_names) or "-")
-    return result
+
+
+@transaction.atomic
+def _uniform_in_a_transaction(message: Message, outcome: ScanOutcome, config: MailFlowSettings, values: dict,
+                              claim: bool, now) -> Applied | None:
+    """Elsewhere (SQLite), or for the delete action: the message, then its recipients, in a transaction."""
+    if not rowsql.update(Message, _verdict_fields(message), *_claim_check(message)):
+        return None
+    claimed = None
+    if claim:
+        claimed = sorted((r for r, _ in rowsql.update_returning(Recipient, values, *_pending_of(message))),
+                         key=lambda r: r.pk)
+        count = len(claimed)
+    else:
+        count = rowsql.update(Recipient, values, *_pending_of(message))
+    if not count:
+        return _no_recipient_pending(message, outcome, config, now)
+    _discard_if_deleted(message)
+    return Applied(message.state == Message.State.DELIVERING, claimed)
+
+
+@transaction.atomic
+def _per_recipient(message: Message, outcome: ScanOutcome, config: MailFlowSettings, now) -> Applied | None:
+    """Allow/block entries exist: each recipient's verdict after the lists, one UPDATE per distinct one."""
+    still_ours = Message.objects.select_for_update().filter(
+        pk=message.pk, state=Message.State.SCANNING, claimed_at=message.claimed_at).exists()
+    if not still_ours:
+        return None
+    recipients = list(message.recipients.filter(status=Recipient.Status.PENDING))
+    groups: dict[tuple, list[int]] = {}
+    for recipient in recipients:
+        verdict, why = recipient_verdict(message, recipient, outcome.verdict)
+        action = config.action_for(verdict)
+        recipient.verdict, recipient.action = verdict, action
+        recipient.status = RECIPIENT_STATUS[action]
+        groups.setdefault((verdict, action, recipient.status), []).append(recipient.pk)
+        if why:
+            outcome.notes.append(f"{recipient.address}: {why}")
+    for (verdict, action, status), ids in groups.items():
+        rowsql.update(Recipient, {"verdict": verdict, "action": action, "status": status,
+                                  "next_attempt_at": now if status == Recipient.Status.PENDING else None},
+                      *_pending_of(message, ids))
+    deliver = _outcome_to_message(message, outcome, [r.verdict for r in recipients],
+                                  {r.action for r in recipients}, {r.status for r in recipients}, config, now)
+    # The row is locked above and the claim checked: still ours.
+    rowsql.update(Message, _verdict_fields(message), f"{rowsql.column(Message, 'id')} = %s", [message.pk])
+    _discard_if_deleted(message)
+    return Applied(deliver)  # the recipients stay pending: the caller's delivery claims them

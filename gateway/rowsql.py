@@ -150,27 +150,58 @@ def _prepared_cursor_class() -> type | None:
     return PreparedCursor
 
 
-def update(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any] = (),
-           using: str = "default") -> int:
-    """`UPDATE table SET … WHERE <where>`; the number of rows changed."""
+class With:
+    """A data-modifying `WITH name AS (…)` put in front of an UPDATE (PostgreSQL only), and joined to it
+    with `FROM name`: two writes in one statement, so one round trip and one commit, atomic without a
+    transaction block."""
+
+    def __init__(self, name: str, sql: str, params: Sequence[Any] = ()):
+        self.name, self.sql, self.params = name, sql, list(params)
+
+
+def _statement(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any],
+               with_: With | None, using: str) -> tuple[str, list]:
     sets, set_params = assignments(model, values, using)
+    head, from_, head_params = "", "", []
+    if with_ is not None:
+        head, from_, head_params = f"WITH {with_.name} AS ({with_.sql}) ", f" FROM {with_.name}", with_.params
+    return (f"{head}UPDATE {table(model, using)} SET {sets}{from_} WHERE {where}",
+            [*head_params, *set_params, *params])
+
+
+def update_sql(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any] = (),
+               returning: str = "", using: str = "default") -> tuple[str, list]:
+    """The text and parameters of `UPDATE … [RETURNING …]`, to go inside a `With`."""
+    sql, all_params = _statement(model, values, where, params, None, using)
+    return (f"{sql} RETURNING {returning}" if returning else sql), all_params
+
+
+def writes_in_one_statement(using: str = "default") -> bool:
+    """Whether the database runs a data-modifying WITH (PostgreSQL does; SQLite does not)."""
+    return connections[using].vendor == "postgresql"
+
+
+def update(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any] = (),
+           using: str = "default", with_: With | None = None) -> int:
+    """`UPDATE table SET … WHERE <where>`; the number of rows changed."""
+    sql, all_params = _statement(model, values, where, params, with_, using)
     with _cursor(using) as cursor:
-        cursor.execute(f"UPDATE {table(model, using)} SET {sets} WHERE {where}", [*set_params, *params])
+        cursor.execute(sql, all_params)
         return cursor.rowcount
 
 
 def update_returning(model: type[M], values: dict[str, Any], where: str, params: Iterable[Any] = (),
-                     extra: Sequence[str] = (), using: str = "default") -> list[tuple[M, tuple]]:
+                     extra: Sequence[str] = (), using: str = "default",
+                     with_: With | None = None) -> list[tuple[M, tuple]]:
     """`UPDATE … RETURNING` every column (and the `extra` expressions): the changed rows as instances,
     each with the values of its extra expressions. This is a claim and the read of what it claimed in
     one statement: only the rows this very statement moved come back."""
     connection = connections[using]
     returning, names, converters = _returning(model, using)
-    sets, set_params = assignments(model, values, using)
+    sql, all_params = _statement(model, values, where, params, with_, using)
     extras = "".join(f", {expression}" for expression in extra)
     with _cursor(using) as cursor:
-        cursor.execute(f"UPDATE {table(model, using)} SET {sets} WHERE {where} RETURNING {returning}{extras}",
-                       [*set_params, *params])
+        cursor.execute(f"{sql} RETURNING {returning}{extras}", all_params)
         rows = cursor.fetchall()
     out = []
     width = len(names)
