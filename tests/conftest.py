@@ -301,6 +301,7 @@ def _fresh_cache():
     models._settings_cache[:] = [None, 0.0]
     lists._any_entries[:] = [None, 0.0]
     delivery._routes_cache[:] = [None, 0.0]
+    delivery.drop_sessions()  # kept SMTP sessions of this thread belong to the last test's servers
     yield
 
 

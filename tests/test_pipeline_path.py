@@ -177,3 +177,24 @@ def test_an_outcome_is_not_recorded_over_a_claim_another_worker_holds(received, 
     (recipient,) = msg.recipients.all()
     assert (recipient.status, recipient.claimed_at, recipient.attempts) == (Recipient.Status.DELIVERING, theirs, 0)
     assert msg.state == Message.State.DELIVERING
+
+
+def test_a_session_is_kept_for_the_next_message_and_replaced_when_stale(received, capture_server, monkeypatch):
+    from gateway import delivery
+
+    tasks.run_scan(received().pk)
+    ((destination, (kept, _, uses)),) = delivery._session_cache().items()
+    assert (destination.port, uses) == (capture_server.port, 1)
+    tasks.run_scan(received().pk)
+    assert delivery._session_cache()[destination][0] is kept  # no new connection, greeting, EHLO
+    # The server closed the kept session meanwhile: the next message goes on a new one, once.
+    kept.close()
+    tasks.run_scan(received().pk)
+    replaced, _, uses = delivery._session_cache()[destination]
+    assert replaced is not kept and uses == 1
+    # Idle too long: not used again.
+    monkeypatch.setattr(delivery, "SESSION_IDLE_SECONDS", 0.0)
+    tasks.run_scan(received().pk)
+    assert delivery._session_cache()[destination][0] is not replaced
+    assert len(capture_server.messages) == 4
+    assert set(Message.objects.values_list("state", flat=True)) == {Message.State.DELIVERED}
