@@ -181,7 +181,7 @@ class PostgresIntakeWriter(IntakeWriter):
         if queue.tasks_are_sent():
             # The broker's client is synchronous: publish in a thread; the 250 waits for it, as it waited
             # for the on_commit hook of the ORM path.
-            await self.run_sync(_enqueue_scans, [s.id for s in stored])
+            await self.run_sync(queue.enqueue_scans, [s.id for s in stored])
         return stored
 
     def _statement(self) -> str:
@@ -215,8 +215,3 @@ def _json_value(value):
 
 def _refused_value(exc: Exception) -> bool:
     return isinstance(exc, DataError | IntegrityError)
-
-
-def _enqueue_scans(ids: list[int]) -> None:
-    for message_id in ids:
-        queue.enqueue_scan(message_id)  # outside a transaction: sent at once
