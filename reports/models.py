@@ -150,6 +150,8 @@ class ApiToken(models.Model):
     def create_for(cls, user, name: str = "") -> tuple[ApiToken, str]:
         """A new token; the clear key is returned once and never stored."""
         key = secrets.token_urlsafe(32)
+        while key.startswith("-"):  # a key (or its prefix) given on a command line must not read as an option
+            key = secrets.token_urlsafe(32)
         token = cls.objects.create(user=user, name=name, prefix=key[:8], key_hash=hash_token(key))
         return token, key
 

@@ -112,6 +112,18 @@ def test_daily_stats_scoped(personas, mail):  # noqa: F811
 
 
 @pytest.mark.django_db
+def test_a_key_never_starts_like_a_command_line_option(personas, monkeypatch):  # noqa: F811
+    """`api_token revoke <prefix>` takes the key's first characters: one starting with '-' would be an option."""
+    from django.contrib.auth.models import User
+
+    keys = iter(["-starts-with-a-dash-" + "x" * 23, "Abc" + "y" * 40])
+    monkeypatch.setattr("reports.models.secrets.token_urlsafe", lambda n: next(keys))
+    token, key = ApiToken.create_for(User.objects.get(username="alice"))
+    assert key.startswith("Abc") and token.prefix == key[:8]
+    call_command("api_token", "revoke", token.prefix, stdout=StringIO())
+    assert not ApiToken.objects.exists()
+
+
 def test_api_token_command(personas):  # noqa: F811
     out = StringIO()
     call_command("api_token", "create", "alice", "--name", "monitoring", stdout=out)
