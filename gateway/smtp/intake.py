@@ -15,13 +15,24 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cache
 
 from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from gateway import queue
-from gateway.models import Domain, MailFlowSettings, Message, RawMessage, Recipient, TrustedNetwork, ValidRecipient
+from gateway.models import (
+    Domain,
+    MailFlowSettings,
+    Message,
+    RawMessage,
+    Recipient,
+    TrustedNetwork,
+    ValidRecipient,
+    new_queue_id,
+)
+from gateway.policy.checks import header_section
 from gateway.policy.config import CheckConfig, defaults, load_check_config
 
 log = logging.getLogger(__name__)
@@ -159,8 +170,7 @@ def summarise_headers(data: bytes) -> dict[str, str]:
     of the cost, on the path of every message. Raw UTF-8 in headers (RFC 6532, and common without it)
     is read as UTF-8; bytes that are not UTF-8 show as U+FFFD.
     """
-    end = data.find(b"\r\n\r\n")
-    head = data[: end + 4] if end >= 0 else data[:65536]
+    head = header_section(data)
     try:
         headers = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(head.decode("utf-8", "replace"))
     except Exception:  # noqa: BLE001
@@ -176,7 +186,8 @@ def summarise_headers(data: bytes) -> dict[str, str]:
 
 
 def _without_nul(value):
-    """PostgreSQL's text and jsonb cannot hold NUL: a header or HELO with one is logged without it."""
+    """PostgreSQL's text and jsonb cannot hold NUL: a header, HELO or check detail with one is logged with
+    U+FFFD instead (else the row could never be written, and the client would retry for ever)."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd") if "\x00" in value else value
     if isinstance(value, dict):
@@ -186,49 +197,49 @@ def _without_nul(value):
     return value
 
 
-def _default_values(model) -> list[tuple[str, object, bool]]:
-    """(attribute, default, whether to call it) for the columns of a new row; the primary key and the
-    foreign key to the message are left to the database and the writer."""
+@cache
+def new_row_fields(model) -> tuple:
+    """The columns a new row of `model` is written with: all but its primary key and its foreign keys
+    (the database numbers the row; the writer joins it to its message)."""
+    return tuple(f for f in model._meta.concrete_fields if not f.primary_key and not f.is_relation)
+
+
+@cache
+def _defaults(model) -> tuple[tuple[str, object, bool], ...]:
+    """(attribute, default, whether to call it) for each column of a new row."""
     out = []
-    for f in model._meta.concrete_fields:
-        if f.primary_key or f.is_relation:
-            continue
+    for f in new_row_fields(model):
         call = f.has_default() and callable(f.default)
         out.append((f.attname, f.default if call else f.get_default(), call))
-    return out
-
-
-_DEFAULTS: dict[type, list] = {}
+    return tuple(out)
 
 
 def row_values(model, **given) -> dict:
-    """Every column of a new row of `model` (attribute → value), the defaults filled in as the ORM would."""
-    defaults = _DEFAULTS.get(model)
-    if defaults is None:
-        defaults = _DEFAULTS[model] = _default_values(model)
-    values = {name: default() if call else default for name, default, call in defaults}
+    """Every column of a new row of `model` (attribute → value): those given, and the others' defaults
+    as the ORM would fill them in."""
+    values = {name: default() if call else default for name, default, call in _defaults(model) if name not in given}
     values.update(given)
     return values
 
 
 def new_message(envelope: Envelope, data: bytes) -> tuple[dict, list[dict]]:
     """The columns of the Message row of an accepted message and those of its Recipient rows."""
-    summary = {key: _without_nul(value) for key, value in summarise_headers(data).items()}
     direction = Message.Direction.OUTBOUND if envelope.authenticated_as or envelope.checks.get("relay") \
         else Message.Direction.INBOUND
-    sender = _without_nul(envelope.sender[:320])
-    message = row_values(
-        Message, node=settings.NODE_NAME, direction=direction, state=Message.State.RECEIVED,
-        client_ip=envelope.client_ip or None, client_name=_without_nul(envelope.client_name[:255]),
-        helo=_without_nul(envelope.helo[:255]), authenticated_as=envelope.authenticated_as,
-        envelope_sender=sender, sender_domain=sender.rsplit("@", 1)[1].lower()[:253] if "@" in sender else "",
-        mail_options=envelope.mail_options, size=len(data), checks=_without_nul(envelope.checks), **summary)
+    sender = envelope.sender[:320]
     # queue_id and received_at are known before the INSERT, so the Received: header goes in with it.
-    message["added_headers"] = _without_nul(
-        received_header(envelope, message["queue_id"], message["received_at"]) + envelope.added_headers)
+    queue_id, received_at = new_queue_id(), timezone.now()
+    given = _without_nul(dict(
+        queue_id=queue_id, received_at=received_at, node=settings.NODE_NAME, direction=direction,
+        state=Message.State.RECEIVED, client_ip=envelope.client_ip or None, client_name=envelope.client_name[:255],
+        helo=envelope.helo[:255], authenticated_as=envelope.authenticated_as, envelope_sender=sender,
+        sender_domain=sender.rsplit("@", 1)[1].lower()[:253] if "@" in sender else "",
+        mail_options=envelope.mail_options, size=len(data), checks=envelope.checks,
+        added_headers=received_header(envelope, queue_id, received_at) + envelope.added_headers,
+        **summarise_headers(data)))
     recipients = [row_values(Recipient, address=address.lower(), domain=address.rsplit("@", 1)[-1].lower())
                   for address in envelope.recipients]
-    return message, recipients
+    return row_values(Message, **given), recipients
 
 
 def store_messages(items: list[tuple[Envelope, bytes]]) -> list[Message]:
@@ -276,14 +287,15 @@ def log_refusal(*, reason: str, reply: str, client_ip: str | None, client_name: 
     Message-ID are logged (the message itself is not kept: it was refused).
     """
     close_old_connections()
+    reply = _without_nul(reply)
     summary = summarise_headers(data) if data else {}
     if data:
         summary["size"] = len(data)
-    message = Message.objects.create(
+    message = Message.objects.create(**_without_nul(dict(
         node=settings.NODE_NAME, state=Message.State.REFUSED, client_ip=client_ip, client_name=client_name[:255],
         helo=helo[:255], envelope_sender=sender[:320], refusal_reason=reason, smtp_reply=reply[:512],
-        authenticated_as=authenticated_as[:150], checks=checks or {}, completed_at=timezone.now(), **summary)
-    addresses = list(recipients or []) + ([recipient] if recipient else [])
+        authenticated_as=authenticated_as[:150], checks=checks or {}, completed_at=timezone.now(), **summary)))
+    addresses = _without_nul(list(recipients or []) + ([recipient] if recipient else []))
     Recipient.objects.bulk_create([
         Recipient(message=message, address=address.lower()[:320], status=Recipient.Status.REFUSED,
                   reply_text=reply, domain=address.rsplit("@", 1)[-1].lower()[:253])

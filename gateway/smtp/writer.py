@@ -21,12 +21,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import psycopg
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
-from gateway import queue
+from gateway import queue, rowsql
 from gateway.models import Message, RawMessage, Recipient
 
-from .intake import Envelope, new_message, store_messages
+from .intake import Envelope, new_message, new_row_fields, store_messages
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,7 @@ class PostgresIntakeWriter(IntakeWriter):
         if connection is not None:
             await connection.close()
 
-    async def _connect(self):
-        import psycopg
-
+    async def _connect(self) -> psycopg.AsyncConnection:
         if self._connection is not None and not self._connection.closed:
             return self._connection
         params = connections[self.alias].get_connection_params()
@@ -155,8 +154,6 @@ class PostgresIntakeWriter(IntakeWriter):
         return self._connection
 
     async def _write_batch(self, items: list[tuple[Envelope, bytes]]) -> list[Stored]:
-        import psycopg
-
         built = [new_message(envelope, data) for envelope, data in items]
         # The rows go as one JSON document (PostgreSQL types each column from the table's row type; far
         # cheaper to send than an array per column), the raw bytes as one bytea[].
@@ -186,13 +183,10 @@ class PostgresIntakeWriter(IntakeWriter):
 
     def _statement(self) -> str:
         if self._sql is None:
-            quote = connections[self.alias].ops.quote_name
-
             def columns(model, prefix: str = "") -> str:
-                return ", ".join(prefix + quote(f.column) for f in model._meta.concrete_fields
-                                 if not f.primary_key and not f.is_relation)
+                return ", ".join(prefix + rowsql.quote(f.column, self.alias) for f in new_row_fields(model))
 
-            message, raw, recipient = (quote(m._meta.db_table) for m in (Message, RawMessage, Recipient))
+            message, raw, recipient = (rowsql.table(m, self.alias) for m in (Message, RawMessage, Recipient))
             self._sql = (
                 "WITH d AS (SELECT %s::jsonb AS doc), "
                 f"m AS (INSERT INTO {message} ({columns(Message)}) SELECT {columns(Message, 'u.')} "
