@@ -207,6 +207,17 @@ def test_nul_and_raw_utf8_in_headers_are_logged_readably(gateway_smtp, protected
     assert bytes(row.raw.data) == data
 
 
+def test_nul_in_a_refused_session_is_logged_readably(gateway_smtp, protected_domain):
+    """The refusal log has the same limits: a HELO with NUL, refused at RCPT (relay denied), is logged."""
+    with gateway_smtp.client() as client:
+        assert client.ehlo("bad\x00name.example")[0] == 250
+        client.mail("j@sender.example")
+        code, _ = client.rcpt("someone@elsewhere.example")
+    assert code == 550
+    row = Message.objects.get(state="refused")
+    assert row.helo == "bad\ufffdname.example" and row.refusal_reason == "relay_denied"
+
+
 # --- the protocol's set-up per connection ----------------------------------------------------------------------
 
 def test_protocol_set_up_matches_aiosmtpd():
@@ -249,21 +260,32 @@ def test_protocol_set_up_matches_aiosmtpd():
             assert mine == value, name
 
 
-@pytest.mark.parametrize("argument", [
-    "<a@b.c>", "<a@b.c> SIZE=100 BODY=8BITMIME", " <Alice.Smith+tag@Example.ORG>", "<a@b> ", "<a@b>\t SIZE=1",
-    "<a@b.c> <d@e>", "<a@b> (c) SIZE=1", "<a@b>(x)", "<a..b@c>", "<.a@b>", "<a@b..c>", "<a@[192.0.2.1]>",
-    '<"a@b"@c>', "<a(comment)@b>", "<a@b.c.>", "<a!b@c>", "<a%b@c>", "<@x,@y:a@b>", "<{a}@b>", "<ä@b.example>",
-    "<a'b@c.d>", "<a@b.c>>", "a@b.c", "<>", "<> SIZE=10", "<a@-b.c>"])
-def test_address_parsing_matches_aiosmtpd(argument):
+PLAIN_PATHS = ["<a@b.c>", "<a@b.c> SIZE=100 BODY=8BITMIME", " <Alice.Smith+tag@Example.ORG>", "<a@b> ",
+               "<a@b>\t SIZE=1", "<a@b.c> <d@e>", "<a!b@c>", "<a%b@c>", "<{a}@b>", "<a'b@c.d>", "<a@b.c>>",
+               "<a@-b.c>", "<user@localhost>"]
+OTHER_PATHS = ["<a@b> (c) SIZE=1", "<a@b>(x)", "<a..b@c>", "<.a@b>", "<a@b..c>", "<a@[192.0.2.1]>", '<"a@b"@c>',
+               "<a(comment)@b>", "<a@b.c.>", "<@x,@y:a@b>", "<ä@b.example>", "a@b.c", "<>", "<> SIZE=10"]
+
+
+@pytest.mark.parametrize("argument", PLAIN_PATHS)
+def test_plain_addresses_take_the_quick_path_with_aiosmtpds_result(argument):
     """The quick path for plain <local@domain> paths gives what aiosmtpd's RFC 5322 parser gives."""
     from aiosmtpd.smtp import SMTP
 
     from gateway.smtp.server import _PLAIN_PATH, GatewaySMTP
 
     protocol = GatewaySMTP.__new__(GatewaySMTP)
-    ours = GatewaySMTP._getaddr(protocol, argument)
-    if _PLAIN_PATH.match(argument):
-        assert ours == SMTP._getaddr(protocol, argument)
+    assert _PLAIN_PATH.match(argument)
+    assert GatewaySMTP._getaddr(protocol, argument) == SMTP._getaddr(protocol, argument)
+
+
+@pytest.mark.parametrize("argument", OTHER_PATHS)
+def test_other_addresses_go_to_the_parser(argument):
+    """Comments, quoting, literals, source routes, UTF-8 and broken dot-atoms are left to aiosmtpd's parser
+    (and to the server's own handling of <> and of what the parser cannot read)."""
+    from gateway.smtp.server import _PLAIN_PATH
+
+    assert _PLAIN_PATH.match(argument) is None
 
 
 # --- the scans of a batch, through a real broker ------------------------------------------------------------
