@@ -16,6 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import queue
+from .mailbytes import header_section
 from .models import Message, RawMessage, Recipient, Verdict
 
 ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
@@ -33,11 +34,7 @@ def _original_headers(message: Message) -> bytes:
     raw = RawMessage.objects.filter(message=message).values_list("data", flat=True).first()
     if raw is None:
         return b""
-    raw = bytes(raw)
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        end = raw.find(b"\n\n")
-    return raw[: end if end >= 0 else min(len(raw), 64 * 1024)] + b"\r\n"
+    return header_section(bytes(raw)) + b"\r\n"
 
 
 def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:

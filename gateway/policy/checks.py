@@ -19,6 +19,7 @@ from gateway.auth import dkim as dkim_auth
 from gateway.auth import dmarc as dmarc_auth
 from gateway.auth.dns import Resolver, TemporaryDNSError
 from gateway.auth.spf import SPFResult, check_spf
+from gateway.mailbytes import header_section
 from gateway.models import CheckAction, Message
 
 from .config import CheckConfig
@@ -315,13 +316,6 @@ def _dkim_result(signatures) -> str:
         if any(s.result == result for s in signatures):
             return result
     return signatures[0].result
-
-
-def header_section(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    return data[:end] if end >= 0 else data[:65536]
 
 
 def is_signed(data: bytes) -> bool:

@@ -18,6 +18,8 @@ import unicodedata
 import zipfile
 from dataclasses import dataclass, field
 
+from gateway.mailbytes import header_section
+
 MAX_ARCHIVE_DEPTH = 3
 MAX_ARCHIVE_MEMBERS = 2000
 MAX_PARTS = 1000
@@ -93,11 +95,7 @@ def _plain_text_only(raw: bytes) -> bool:
     without a name-like parameter (multipart, message/*, another type, a Content-Disposition, a name,
     a second Content-Type) takes the full walk.
     """
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        end = raw.find(b"\n\n")
-    head = raw[:end] if end >= 0 else raw
-    found = _CONTENT_HEADER.findall(_FOLD.sub(b" ", head))
+    found = _CONTENT_HEADER.findall(_FOLD.sub(b" ", header_section(raw)))
     if not found:
         return True  # no Content-Type: text/plain (RFC 2045 §5.1), and no Content-Disposition
     if len(found) > 1 or found[0][0].lower() != b"type":

@@ -22,6 +22,7 @@ from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from gateway import queue
+from gateway.mailbytes import header_section
 from gateway.models import (
     Domain,
     MailFlowSettings,
@@ -32,7 +33,6 @@ from gateway.models import (
     ValidRecipient,
     new_queue_id,
 )
-from gateway.policy.checks import header_section
 from gateway.policy.config import CheckConfig, defaults, load_check_config
 
 log = logging.getLogger(__name__)
