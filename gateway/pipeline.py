@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -127,10 +128,10 @@ MESSAGE_VERDICT_FIELDS = ("verdict", "action", "spam_score", "spam_threshold", "
                           "quarantined", "state", "completed_at")
 
 
-def _outcome_to_message(message: Message, outcome: ScanOutcome, verdicts: list[str], actions: set[str],
-                        statuses: set[str], config: MailFlowSettings, now) -> bool:
-    """Set the message's scan fields from the recipients' verdicts, actions and statuses; True when
-    recipients are due for delivery."""
+def _outcome_to_message(message: Message, outcome: ScanOutcome, groups: Iterable[tuple[str, str, str]],
+                        config: MailFlowSettings, now) -> None:
+    """Set the message's scan fields from its recipients' (verdict, action, status) groups."""
+    verdicts, actions, statuses = (set(column) for column in zip(*groups, strict=True)) if groups else (set(),) * 3
     message.verdict = outcome.verdict if outcome.verdict != Verdict.CLEAN else worst(verdicts)
     message.action = next((a for a in (Action.QUARANTINE, Action.DELETE, Action.TAG, Action.DELIVER) if a in actions),
                           config.action_for(message.verdict))
@@ -140,16 +141,14 @@ def _outcome_to_message(message: Message, outcome: ScanOutcome, verdicts: list[s
     message.checks = {**message.checks, "scan_seconds": outcome.timings}
     message.scanned_at, message.last_error, message.next_attempt_at = now, "", None
     message.quarantined = Recipient.Status.QUARANTINED in statuses
-    deliver = Recipient.Status.PENDING in statuses
     message.completed_at = None
     if message.quarantined:
         message.state = Message.State.QUARANTINED
-    elif deliver:
+    elif Recipient.Status.PENDING in statuses:
         message.state = Message.State.DELIVERING
     else:
         message.state = Message.State.DELETED
         message.completed_at = now
-    return deliver
 
 
 def _pending_of(message: Message, ids: list[int] | None = None) -> tuple[str, list]:
@@ -164,49 +163,64 @@ def _pending_of(message: Message, ids: list[int] | None = None) -> tuple[str, li
 
 @dataclass
 class Applied:
-    """What apply_verdict wrote: whether recipients are due for delivery, and those of them it already
-    claimed for the caller's delivery (status delivering under this scan's timestamp), if it was asked to."""
+    """What apply_verdict wrote: whether recipients are due for delivery, and those it claimed for the
+    caller's delivery (status delivering under the scan's timestamp)."""
 
     deliver: bool
     claimed: list[Recipient] | None = None
 
 
-def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings, *,
-                  claim_delivery: bool = False) -> Applied | None:
+# A verdict for a group of recipients: (verdict, action, status), and the ids of the recipients it is for
+# (None: every pending recipient of the message).
+Groups = dict[tuple[str, str, str], list[int] | None]
+
+
+def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> Applied | None:
     """Write the scan's outcome: per-recipient verdict and action, and the message's state.
 
-    Returns what is now due for delivery (the caller delivers, or enqueues it), and None when this scan's
-    claim is no longer held (it went stale and another worker took the message). The message row is
-    written (and locked) first, under the claim, then the recipients: the same order as every other
-    writer of both, and nothing is written when the claim is lost.
-
-    With claim_delivery, the recipients to deliver are claimed for the caller in the same UPDATE that
-    records their verdict (the caller delivers at once): one write per recipient fewer. Should the
-    caller die before it records an outcome, the sweeper hands the stale claim back, as it does for a
-    delivery that died on the way.
+    Returns what is now due for delivery, its recipients already claimed for the caller, who delivers at
+    once (should the caller die first, the sweeper hands the stale claim back, as for a delivery that died
+    on the way); None when this scan's claim is no longer held (it went stale and another worker took the
+    message). The message row is written (and locked) first, under the claim, then the recipients: the
+    same order as every other writer of both, and nothing is written when the claim is lost.
     """
     now = timezone.now()
     if lists_are_empty():
         # No allow/block entry exists, so every pending recipient gets the scan's own verdict: one UPDATE
-        # for all of them instead of a read and a write each (the path of nearly every message).
+        # for all of them, without reading them (the path of nearly every message).
         action = config.action_for(outcome.verdict)
-        status = RECIPIENT_STATUS[action]
-        deliver = _outcome_to_message(message, outcome, [outcome.verdict], {action}, {status}, config, now)
-        values = {"verdict": outcome.verdict, "action": action, "status": status,
-                  "next_attempt_at": now if status == Recipient.Status.PENDING else None}
-        claim = deliver and claim_delivery
-        if claim:
-            values.update(status=Recipient.Status.DELIVERING, claimed_at=now)
-        if message.state != Message.State.DELETED and rowsql.writes_in_one_statement():
-            result = _uniform_in_one_statement(message, outcome, config, values, claim, now)
-        else:
-            result = _uniform_in_a_transaction(message, outcome, config, values, claim, now)
+        groups: Groups = {(outcome.verdict, action, RECIPIENT_STATUS[action]): None}
     else:
-        result = _per_recipient(message, outcome, config, now)
+        groups = _verdicts_after_lists(message, outcome, config)
+    _outcome_to_message(message, outcome, groups, config, now)
+    if len(groups) == 1 and message.state != Message.State.DELETED and rowsql.writes_in_one_statement():
+        result = _in_one_statement(message, outcome, config, groups, now)
+    else:
+        result = _in_a_transaction(message, outcome, config, groups, now)
     if result is not None:
         log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
                  message.action, message.spam_score, ",".join(message.virus_names) or "-")
     return result
+
+
+def _verdicts_after_lists(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> Groups:
+    """Allow/block entries exist: each pending recipient's verdict after the lists, grouped."""
+    groups: Groups = {}
+    for recipient in message.recipients.filter(status=Recipient.Status.PENDING):
+        verdict, why = recipient_verdict(message, recipient, outcome.verdict)
+        action = config.action_for(verdict)
+        groups.setdefault((verdict, action, RECIPIENT_STATUS[action]), []).append(recipient.pk)
+        if why:
+            outcome.notes.append(f"{recipient.address}: {why}")
+    return groups
+
+
+def _recipient_values(verdict: str, action: str, status: str, now) -> dict:
+    """A group's verdict; the recipients to deliver are claimed for the caller in the same write."""
+    if status == Recipient.Status.PENDING:
+        return {"verdict": verdict, "action": action, "status": Recipient.Status.DELIVERING, "claimed_at": now,
+                "next_attempt_at": now}
+    return {"verdict": verdict, "action": action, "status": status, "next_attempt_at": None}
 
 
 def _claim_check(message: Message) -> tuple[str, list]:
@@ -219,25 +233,34 @@ def _verdict_fields(message: Message) -> dict:
     return {name: getattr(message, name) for name in MESSAGE_VERDICT_FIELDS}
 
 
-def _uniform_in_one_statement(message: Message, outcome: ScanOutcome, config: MailFlowSettings, values: dict,
-                              claim: bool, now) -> Applied | None:
-    """PostgreSQL: the message's UPDATE under the claim as a WITH, its pending recipients' UPDATE joined
-    to it: both or neither, in one statement and one commit, without a transaction block (BEGIN and
-    COMMIT are round trips of their own)."""
-    message_id = rowsql.column(Message, "id")
-    sql, params = rowsql.update_sql(Message, _verdict_fields(message), *_claim_check(message), returning=message_id)
-    scanned = rowsql.With("scanned", sql, params)
-    where = (f"{rowsql.table(Recipient)}.{rowsql.column(Recipient, 'message')} = scanned.{message_id} "
-             f"AND {rowsql.state_is(Recipient, 'status')}")
-    claimed = None
-    if claim:
-        rows = rowsql.update_returning(Recipient, values, where, [Recipient.Status.PENDING], with_=scanned)
-        claimed = sorted((r for r, _ in rows), key=lambda r: r.pk)
-        count = len(claimed)
+def _write_group(message: Message, key: tuple[str, str, str], ids: list[int] | None, now, *,
+                 with_: rowsql.With | None = None) -> tuple[int, list[Recipient]]:
+    """One group's UPDATE: how many recipients it changed, and those it claimed for delivery."""
+    values = _recipient_values(*key, now)
+    if with_ is not None:
+        # Joined to the message's UPDATE: no recipient changes unless the message did.
+        where = (f"{rowsql.table(Recipient)}.{rowsql.column(Recipient, 'message')} = {with_.name}."
+                 f"{rowsql.column(Message, 'id')} AND {rowsql.state_is(Recipient, 'status')}")
+        params: list = [Recipient.Status.PENDING]
     else:
-        count = rowsql.update(Recipient, values, where, [Recipient.Status.PENDING], with_=scanned)
+        where, params = _pending_of(message, ids)
+    if values["status"] != Recipient.Status.DELIVERING:
+        return rowsql.update(Recipient, values, where, params, with_=with_), []
+    rows = rowsql.update_returning(Recipient, values, where, params, with_=with_)
+    return len(rows), sorted((r for r, _ in rows), key=lambda r: r.pk)
+
+
+def _in_one_statement(message: Message, outcome: ScanOutcome, config: MailFlowSettings, groups: Groups,
+                      now) -> Applied | None:
+    """PostgreSQL, one group: the message's UPDATE under the claim as a WITH, its pending recipients' UPDATE
+    joined to it: both or neither, in one statement and one commit, without a transaction block (BEGIN
+    and COMMIT are round trips of their own)."""
+    ((key, ids),) = groups.items()
+    sql, params = rowsql.update_sql(Message, _verdict_fields(message), *_claim_check(message),
+                                    returning=rowsql.column(Message, "id"))
+    count, claimed = _write_group(message, key, ids, now, with_=rowsql.With("scanned", sql, params))
     if count:
-        return Applied(message.state == Message.State.DELIVERING, claimed)
+        return Applied(bool(claimed), claimed or None)
     # No recipient row changed: the claim was lost (nothing written), or none was pending (written).
     if not Message.objects.filter(pk=message.pk, state=message.state, scanned_at=now).exists():
         return None
@@ -245,9 +268,25 @@ def _uniform_in_one_statement(message: Message, outcome: ScanOutcome, config: Ma
         return _no_recipient_pending(message, outcome, config, now)
 
 
+@transaction.atomic
+def _in_a_transaction(message: Message, outcome: ScanOutcome, config: MailFlowSettings, groups: Groups,
+                      now) -> Applied | None:
+    """Elsewhere (SQLite), with several groups, or for the delete action: the message, then each group."""
+    if not rowsql.update(Message, _verdict_fields(message), *_claim_check(message)):
+        return None
+    count, claimed = 0, []
+    for key, ids in groups.items():
+        changed, mine = _write_group(message, key, ids, now)
+        count, claimed = count + changed, claimed + mine
+    if not count:
+        return _no_recipient_pending(message, outcome, config, now)
+    _discard_if_deleted(message)
+    return Applied(bool(claimed), claimed or None)
+
+
 def _no_recipient_pending(message: Message, outcome: ScanOutcome, config: MailFlowSettings, now) -> Applied:
     """No recipient was pending: nothing to deliver or hold (the message was all but empty)."""
-    _outcome_to_message(message, outcome, [], set(), set(), config, now)
+    _outcome_to_message(message, outcome, (), config, now)
     rowsql.update(Message, _verdict_fields(message), f"{rowsql.column(Message, 'id')} = %s", [message.pk])
     _discard_if_deleted(message)
     return Applied(False)
@@ -257,51 +296,3 @@ def _discard_if_deleted(message: Message) -> None:
     if message.state == Message.State.DELETED:
         # The "delete" action discards the mail; its log entry stays.
         RawMessage.objects.filter(message=message).delete()
-
-
-@transaction.atomic
-def _uniform_in_a_transaction(message: Message, outcome: ScanOutcome, config: MailFlowSettings, values: dict,
-                              claim: bool, now) -> Applied | None:
-    """Elsewhere (SQLite), or for the delete action: the message, then its recipients, in a transaction."""
-    if not rowsql.update(Message, _verdict_fields(message), *_claim_check(message)):
-        return None
-    claimed = None
-    if claim:
-        claimed = sorted((r for r, _ in rowsql.update_returning(Recipient, values, *_pending_of(message))),
-                         key=lambda r: r.pk)
-        count = len(claimed)
-    else:
-        count = rowsql.update(Recipient, values, *_pending_of(message))
-    if not count:
-        return _no_recipient_pending(message, outcome, config, now)
-    _discard_if_deleted(message)
-    return Applied(message.state == Message.State.DELIVERING, claimed)
-
-
-@transaction.atomic
-def _per_recipient(message: Message, outcome: ScanOutcome, config: MailFlowSettings, now) -> Applied | None:
-    """Allow/block entries exist: each recipient's verdict after the lists, one UPDATE per distinct one."""
-    still_ours = Message.objects.select_for_update().filter(
-        pk=message.pk, state=Message.State.SCANNING, claimed_at=message.claimed_at).exists()
-    if not still_ours:
-        return None
-    recipients = list(message.recipients.filter(status=Recipient.Status.PENDING))
-    groups: dict[tuple, list[int]] = {}
-    for recipient in recipients:
-        verdict, why = recipient_verdict(message, recipient, outcome.verdict)
-        action = config.action_for(verdict)
-        recipient.verdict, recipient.action = verdict, action
-        recipient.status = RECIPIENT_STATUS[action]
-        groups.setdefault((verdict, action, recipient.status), []).append(recipient.pk)
-        if why:
-            outcome.notes.append(f"{recipient.address}: {why}")
-    for (verdict, action, status), ids in groups.items():
-        rowsql.update(Recipient, {"verdict": verdict, "action": action, "status": status,
-                                  "next_attempt_at": now if status == Recipient.Status.PENDING else None},
-                      *_pending_of(message, ids))
-    deliver = _outcome_to_message(message, outcome, [r.verdict for r in recipients],
-                                  {r.action for r in recipients}, {r.status for r in recipients}, config, now)
-    # The row is locked above and the claim checked: still ours.
-    rowsql.update(Message, _verdict_fields(message), f"{rowsql.column(Message, 'id')} = %s", [message.pk])
-    _discard_if_deleted(message)
-    return Applied(deliver)  # the recipients stay pending: the caller's delivery claims them

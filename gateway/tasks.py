@@ -45,20 +45,19 @@ def run_scan(message_id: int) -> str:
     if claimed is None:
         return "taken" if Message.objects.filter(pk=message_id).exists() else "gone"
     message, raw, recipient_count = claimed
-    claimed_at = message.claimed_at
     config = MailFlowSettings.cached()
     try:
         outcome = pipeline.scan(message, raw, config)
     except ScannerUnavailable as exc:
         # Not delivered unscanned: the message waits, visibly, and is tried again later.
         delay = delivery.backoff(message.attempts, settings.SCAN_RETRY_BASE, settings.SCAN_RETRY_MAX)
-        Message.objects.filter(pk=message.pk, state=Message.State.SCANNING, claimed_at=claimed_at).update(
+        Message.objects.filter(pk=message.pk, state=Message.State.SCANNING, claimed_at=message.claimed_at).update(
             state=Message.State.SCAN_DEFERRED, last_error=str(exc)[:2000], claimed_at=None,
             next_attempt_at=timezone.now() + timedelta(seconds=delay))
         log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
         queue.enqueue_scan(message.pk, countdown=delay)
         return "deferred"
-    applied = pipeline.apply_verdict(message, outcome, config, claim_delivery=True)
+    applied = pipeline.apply_verdict(message, outcome, config)
     if applied is None:
         return "taken"  # the claim went stale and another worker scanned it meanwhile
     if applied.deliver:

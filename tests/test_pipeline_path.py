@@ -75,7 +75,7 @@ def test_a_stale_scan_claim_writes_no_verdict(received, capture_server):
     outcome = pipeline.scan(claimed, raw, MailFlowSettings.cached())
     # Meanwhile the sweeper judged the claim stale and another worker claimed the message again.
     Message.objects.filter(pk=msg.pk).update(claimed_at=timezone.now())
-    assert pipeline.apply_verdict(claimed, outcome, MailFlowSettings.cached(), claim_delivery=True) is None
+    assert pipeline.apply_verdict(claimed, outcome, MailFlowSettings.cached()) is None
     msg.refresh_from_db()
     (recipient,) = msg.recipients.all()
     assert msg.state == Message.State.SCANNING and msg.verdict == ""
@@ -146,8 +146,7 @@ def test_the_statements_of_the_path_are_prepared_once_per_connection(received, s
 def _scanned_and_claimed(msg: Message):
     claimed_message, raw, count = tasks.claim_scan(msg.pk)
     config = MailFlowSettings.cached()
-    applied = pipeline.apply_verdict(claimed_message, pipeline.scan(claimed_message, raw, config), config,
-                                     claim_delivery=True)
+    applied = pipeline.apply_verdict(claimed_message, pipeline.scan(claimed_message, raw, config), config)
     assert applied.deliver and [r.status for r in applied.claimed] == [Recipient.Status.DELIVERING]
     return claimed_message, raw, count, applied.claimed
 
@@ -198,3 +197,23 @@ def test_a_session_is_kept_for_the_next_message_and_replaced_when_stale(received
     assert delivery._session_cache()[destination][0] is not replaced
     assert len(capture_server.messages) == 4
     assert set(Message.objects.values_list("state", flat=True)) == {Message.State.DELIVERED}
+
+
+def test_with_lists_the_recipients_to_deliver_are_claimed_with_their_verdict(received, capture_server):
+    """A domain's block entry holds its recipient; the other one is claimed in the verdict's write and
+    delivered in the same task."""
+    from gateway.models import Domain
+    from quarantine.models import SenderListEntry
+
+    org = Domain.objects.get(name="example.org")
+    net = Domain.objects.create(name="example.net", route=org.route)
+    SenderListEntry.objects.create(kind="block", scope="domain", domain=net, sender="alice@sender.example")
+    msg = received(to=("bob@example.org", "carol@example.net"))
+    tasks.run_scan(msg.pk)
+    msg.refresh_from_db()
+    statuses = dict(msg.recipients.values_list("address", "status"))
+    assert statuses == {"bob@example.org": Recipient.Status.DELIVERED,
+                        "carol@example.net": Recipient.Status.QUARANTINED}
+    assert (msg.state, msg.quarantined) == (Message.State.QUARANTINED, True)
+    assert [m.recipients for m in capture_server.messages] == [["bob@example.org"]]
+    assert msg.recipients.get(address="bob@example.org").attempts == 1
