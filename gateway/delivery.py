@@ -204,7 +204,6 @@ class DeliveryAttempt:
         # Recipients the caller already claimed for this pass (the scan, in the UPDATE of their verdict).
         self.preclaimed = claimed
         self.claimed: list[Recipient] = []
-        self.all_recorded = True  # every outcome of this pass was written under its claim
         self.finished_any = False  # an outcome was recorded already in this pass
         self.message_done = False  # the message's final state was written with the last outcome
 
@@ -313,7 +312,6 @@ class DeliveryAttempt:
                 recipient.claimed_at = fresh
             else:
                 recipient.status = "lost"  # another worker has it now: leave it alone
-                self.all_recorded = False
         return [r for r in group if r.pk in mine]
 
     def _send_to(self, destination: Destination, group: list[Recipient], data: bytes) -> None:
@@ -440,9 +438,10 @@ class DeliveryAttempt:
                     recipient.next_attempt_at)].append(recipient)
             log.info("%s to <%s>: %s (%s)", self.message.queue_id, recipient.address, recipient.status, text)
         # One UPDATE per outcome shared by several recipients (one for a one-recipient message), and only
-        # while the claim is still ours: never overwrite what another worker recorded.
-        last = (delivered and not self.finished_any and len(groups) == 1 and self.recipient_count is not None
-                and len(recipients) == len(self.claimed) == self.recipient_count)
+        # while the claim is still ours: never overwrite what another worker recorded. When this one SMTP
+        # transaction delivered every recipient of the message, the message's final state goes with it.
+        completes = (delivered and len(groups) == 1 and not self.finished_any and self.recipient_count is not None
+                     and len(recipients) == len(self.claimed) == self.recipient_count)
         self.finished_any = True
         for (held, status, attempts, delivered_at, next_attempt_at), group in groups.items():
             ids = [r.pk for r in group]
@@ -451,36 +450,30 @@ class DeliveryAttempt:
             where = (f"{rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))}) "
                      f"AND {rowsql.state_is(Recipient, 'status')} AND {rowsql.column(Recipient, 'claimed_at')} = %s")
             params = [*ids, Recipient.Status.DELIVERING, rowsql.value(Recipient, "claimed_at", held)]
-            if last and rowsql.writes_in_one_statement():
-                self._record_last(values, where, params, len(ids), now)
-            elif rowsql.update(Recipient, values, where, params) != len(ids):
-                self.all_recorded = False
+            if completes:
+                self.message_done = self._record_with_final_state(values, where, params, len(ids), now)
+            else:
+                rowsql.update(Recipient, values, where, params)
 
-    def _record_last(self, values: dict, where: str, params: list, count: int, now) -> None:
-        """PostgreSQL: every recipient of the message was delivered in this one SMTP transaction: their
-        outcome and the message's final state in one statement (a WITH), the state only if every
-        recipient was still ours."""
-        sql, sql_params = rowsql.update_sql(Recipient, values, where, params, returning=rowsql.column(Recipient, "id"))
-        written = rowsql.update(
-            Message, {"state": _state_from([Recipient.Status.DELIVERED], self.message.state), "completed_at": now},
-            f"{rowsql.table(Message)}.{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')} "
-            "AND (SELECT COUNT(*) FROM done) = %s",
-            [self.message.pk, self.message.state, count], with_=rowsql.With("done", sql, sql_params))
-        # Not written: a claim was lost or someone else moved the message; _update_message reads back.
-        self.message_done = bool(written)
-        self.all_recorded = self.all_recorded and bool(written)
+    def _record_with_final_state(self, values: dict, where: str, params: list, count: int, now) -> bool:
+        """The outcome of every recipient of the message and the message's final state, the state only if
+        each outcome was written under its claim (else _update_message reads the recipients back): one
+        statement (a WITH) on PostgreSQL, a transaction elsewhere. True when the state was written."""
+        state = {"state": _state_from([Recipient.Status.DELIVERED], self.message.state), "completed_at": now}
+        state_where = (f"{rowsql.table(Message)}.{rowsql.column(Message, 'id')} = %s "
+                       f"AND {rowsql.state_is(Message, 'state')}")
+        state_params = [self.message.pk, self.message.state]
+        if rowsql.writes_in_one_statement():
+            sql, sql_params = rowsql.update_sql(Recipient, values, where, params,
+                                                returning=rowsql.column(Recipient, "id"))
+            return bool(rowsql.update(Message, state, f"{state_where} AND (SELECT COUNT(*) FROM done) = %s",
+                                      [*state_params, count], with_=rowsql.With("done", sql, sql_params)))
+        with transaction.atomic():
+            return (rowsql.update(Recipient, values, where, params) == count
+                    and bool(rowsql.update(Message, state, state_where, state_params)))
 
     def _update_message(self) -> None:
         if self.message_done:
-            return
-        if (self.recipient_count is not None and self.all_recorded and len(self.claimed) == self.recipient_count
-                and all(r.status == Recipient.Status.DELIVERED for r in self.claimed)):
-            # This pass claimed every recipient of the message and recorded each one delivered: the message's
-            # state follows without reading the recipients again, and no DSN or retry is due.
-            state = _state_from([Recipient.Status.DELIVERED], self.message.state)
-            rowsql.update(Message, {"state": state, "completed_at": timezone.now()},
-                          f"{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')}",
-                          [self.message.pk, self.message.state])
             return
         statuses = list(self.message.recipients.values_list("status", flat=True))
         failures = {Recipient.Status.BOUNCED, Recipient.Status.EXPIRED}
