@@ -20,14 +20,13 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save
-from django.dispatch import receiver
 from django.utils import timezone
 
 from . import dsn, queue, rowsql, signing
 from .auth.dmarc import strip_authentication_results
 from .auth.dns import TemporaryDNSError, get_sync_resolver
 from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Route, Verdict, parse_host_port
+from .snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +71,18 @@ def mx_hosts(domain: str) -> list[str]:
     return hosts
 
 
-_routes_cache: list = [None, 0.0]
+def _read_routes() -> dict[str, Domain]:
+    return {d.name: d for d in Domain.objects.filter(active=True).select_related("route")}
+
+
+# The active domains with their routes: a look-up on the path of every message otherwise.
+_routes = Snapshot(_read_routes).clear_on_change(Domain, Route)
 
 
 def active_routes() -> dict[str, Domain]:
-    """The active domains with their routes, as read at most CONFIG_CACHE_SECONDS ago: a look-up on the
-    path of every message otherwise. A change saved in this process is seen at once (signals below)."""
-    routes, read_at = _routes_cache
-    if routes is None or time.monotonic() - read_at >= settings.CONFIG_CACHE_SECONDS:
-        routes = {d.name: d for d in Domain.objects.filter(active=True).select_related("route")}
-        _routes_cache[:] = [routes, time.monotonic()]
-    return routes
-
-
-@receiver([post_save, post_delete], sender=Domain)
-@receiver([post_save, post_delete], sender=Route)
-def _routes_changed(**kwargs) -> None:
-    _routes_cache[:] = [None, 0.0]
+    """The active domains with their routes, as read at most CONFIG_CACHE_SECONDS ago (at once after a
+    change saved in this process)."""
+    return _routes.get()
 
 
 def destination_for(domain: str, config: MailFlowSettings, routes: dict[str, Domain]) -> list[Destination]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -17,6 +16,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
+
+from .snapshot import Snapshot
 
 
 def validate_domain_name(value: str) -> None:
@@ -210,16 +211,12 @@ class MailFlowSettings(models.Model):
     @classmethod
     def cached(cls) -> MailFlowSettings:
         """The settings as read at most CONFIG_CACHE_SECONDS ago: for the path every message takes."""
-        value, read_at = _settings_cache
-        if value is None or time.monotonic() - read_at >= settings.CONFIG_CACHE_SECONDS:
-            value = cls.load()
-            _settings_cache[:] = [value, time.monotonic()]
-        return value
+        return _settings_snapshot.get()
 
     def save(self, *args, **kwargs):
         self.pk = 1
         super().save(*args, **kwargs)
-        _settings_cache[:] = [None, 0.0]
+        _settings_snapshot.clear()
 
     def action_for(self, verdict: str) -> str:
         return {
@@ -239,7 +236,7 @@ class MailFlowSettings(models.Model):
         return [line.strip().lower() for line in self.blocked_attachments.splitlines() if line.strip()]
 
 
-_settings_cache: list = [None, 0.0]
+_settings_snapshot = Snapshot(MailFlowSettings.load)
 
 
 def role_of(user) -> str:

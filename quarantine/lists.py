@@ -7,13 +7,11 @@ within one scope a block entry beats an allow entry.
 from __future__ import annotations
 
 import ipaddress
-import time
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import Q
-from django.db.models.signals import post_delete, post_save
-from django.dispatch import receiver
+
+from gateway.snapshot import Snapshot
 
 from .models import SenderListEntry
 
@@ -47,21 +45,12 @@ def users_for_address(address: str) -> list[int]:
     return sorted(ids)
 
 
-_any_entries: list = [None, 0.0]
+_any_entries = Snapshot(SenderListEntry.objects.exists).clear_on_change(SenderListEntry)
 
 
 def lists_are_empty() -> bool:
     """True when no allow/block entry exists at all (checked at most every CONFIG_CACHE_SECONDS)."""
-    value, read_at = _any_entries
-    if value is None or time.monotonic() - read_at >= settings.CONFIG_CACHE_SECONDS:
-        value = SenderListEntry.objects.exists()
-        _any_entries[:] = [value, time.monotonic()]
-    return not value
-
-
-@receiver([post_save, post_delete], sender=SenderListEntry)
-def _lists_changed(**kwargs) -> None:
-    _any_entries[:] = [None, 0.0]
+    return not _any_entries.get()
 
 
 def list_decision(sender: str, client_ip: str | None, recipient: str) -> SenderListEntry | None:

@@ -293,14 +293,13 @@ def _fresh_cache():
     """The cache is shared by processes (login throttling): each test starts with an empty one."""
     from django.core.cache import cache
 
-    from gateway import delivery, models
-    from quarantine import lists
+    from gateway import delivery
+    from gateway.snapshot import Snapshot
 
     cache.clear()
     # The per-process snapshots of the mail-flow settings, the lists and the routes: a new test, a new database.
-    models._settings_cache[:] = [None, 0.0]
-    lists._any_entries[:] = [None, 0.0]
-    delivery._routes_cache[:] = [None, 0.0]
+    for snapshot in Snapshot.every:
+        snapshot.clear()
     delivery.drop_sessions()  # kept SMTP sessions of this thread belong to the last test's servers
     yield
 

@@ -217,3 +217,27 @@ def test_with_lists_the_recipients_to_deliver_are_claimed_with_their_verdict(rec
     assert (msg.state, msg.quarantined) == (Message.State.QUARANTINED, True)
     assert [m.recipients for m in capture_server.messages] == [["bob@example.org"]]
     assert msg.recipients.get(address="bob@example.org").attempts == 1
+
+
+@pytest.mark.django_db
+def test_the_snapshots_follow_a_change_saved_in_this_process():
+    """The routes, the settings and 'are there list entries' are read once per CONFIG_CACHE_SECONDS, but
+    a change saved in this process is seen at once."""
+    from gateway.delivery import active_routes
+    from gateway.models import Domain, Route
+    from quarantine.lists import lists_are_empty
+    from quarantine.models import SenderListEntry
+
+    assert "example.com" not in active_routes() and lists_are_empty()
+    route = Route.objects.create(name="store", host="127.0.0.1", port=2525)
+    Domain.objects.create(name="example.com", route=route)
+    assert active_routes()["example.com"].route.port == 2525
+    route.port = 2526
+    route.save()
+    assert active_routes()["example.com"].route.port == 2526
+    SenderListEntry.objects.create(kind="block", scope="global", sender="x@y.example")
+    assert not lists_are_empty()
+    config = MailFlowSettings.cached()
+    config.spam_threshold = 7.5
+    config.save()
+    assert MailFlowSettings.cached().spam_threshold == 7.5
