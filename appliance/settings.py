@@ -179,6 +179,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+if CELERY_BROKER_URL.startswith("redis://"):
+    # kombu's Redis transport, keeping one Redis client per channel (see the module).
+    CELERY_BROKER_TRANSPORT = "appliance.redis_transport:Transport"
 # Celery's Django fix-up closes every database connection around every task unless this is set: a new
 # PostgreSQL backend per task. Connections are kept instead; appliance/celery.py still drops old or
 # broken ones before each task (CONN_MAX_AGE, CONN_HEALTH_CHECKS).
