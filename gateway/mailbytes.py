@@ -3,6 +3,8 @@ the notices, so that each does not split a message its own way."""
 
 from __future__ import annotations
 
+import re
+
 HEADER_LIMIT = 64 * 1024  # of a message without a blank line: its first 64 KiB are taken as the header
 
 
@@ -12,3 +14,20 @@ def header_section(data: bytes) -> bytes:
     if end < 0:
         end = data.find(b"\n\n")
     return data[:end] if end >= 0 else data[:HEADER_LIMIT]
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DOT_AT_LINE_START = re.compile(rb"^\.", re.MULTILINE)
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """The message as SMTP's DATA sends it (RFC 5321 §4.5.2): CRLF line ends, a dot doubled at the start
+    of a line, and the lone dot that ends the data."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:  # a bare CR or LF somewhere
+        data = _LINE_END.sub(b"\r\n", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = _DOT_AT_LINE_START.sub(b"..", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"

@@ -43,6 +43,14 @@ class CaptureHandler:
     rcpt_script: dict[str, list[str]] = field(default_factory=dict)
     data_script: list[str] = field(default_factory=list)
     attempts: int = 0
+    # Offer PIPELINING (RFC 2920), as most mail servers do; aiosmtpd reads pipelined commands either way.
+    pipelining: bool = True
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         script = self.rcpt_script.get(address.lower())

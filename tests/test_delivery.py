@@ -191,3 +191,60 @@ def test_a_non_ascii_recipient_bounces_where_smtputf8_is_not_offered(gateway_smt
         assert plain.handler.messages[-1].recipients == ["alice@sender.example"]  # the DSN, not the message
     finally:
         plain.stop()
+
+
+def _writes_to_the_route(monkeypatch) -> list[bytes]:
+    """What delivery writes to the downstream server, one item per write."""
+    import smtplib
+
+    writes: list[bytes] = []
+    original = smtplib.SMTP.send
+
+    def send(self, s):
+        writes.append(s if isinstance(s, bytes) else s.encode())
+        return original(self, s)
+
+    monkeypatch.setattr(smtplib.SMTP, "send", send)
+    return writes
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-command-at-a-time"])
+def test_each_recipient_gets_its_own_reply_with_and_without_pipelining(gateway_smtp, protected_domain,
+                                                                        capture_server, monkeypatch, pipelining):
+    capture_server.handler.pipelining = pipelining
+    capture_server.handler.rcpt_script = {"gone@example.org": ["550 5.1.1 no such user"],
+                                          "busy@example.org": ["452 4.2.2 mailbox full"]}
+    writes = _writes_to_the_route(monkeypatch)
+    # A line that starts with a dot must arrive as it was sent (dot-stuffed on the wire, RFC 5321 §4.5.2).
+    raw = message(body="first line\r\n.a line that starts with a dot\r\n..and two\r\n.\r\nend\r\n")
+    msg = send(gateway_smtp, raw, to=("bob@example.org", "gone@example.org", "busy@example.org", "carol@example.org"))
+    statuses = dict(msg.recipients.values_list("address", "status"))
+    assert statuses == {"bob@example.org": "delivered", "gone@example.org": "bounced",
+                        "busy@example.org": "deferred", "carol@example.org": "delivered"}
+    (delivered,) = capture_server.wait_for(1)
+    assert delivered.recipients == ["bob@example.org", "carol@example.org"]
+    assert delivered.data.endswith(b"first line\r\n.a line that starts with a dot\r\n..and two\r\n.\r\nend\r\n")
+    envelope = [w for w in writes if w.startswith(b"MAIL FROM:")]
+    assert len(envelope) == 1
+    lines = envelope[0].split(b"\r\n")
+    assert lines[0].startswith(b"MAIL FROM:<alice@sender.example>")
+    if pipelining:  # MAIL, the four RCPTs and DATA in one write: one round trip
+        assert lines[1:] == [b"RCPT TO:<%s@example.org>" % name for name in (b"bob", b"gone", b"busy", b"carol")] + [
+            b"DATA", b""]
+    else:
+        assert lines[1:] == [b""]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-command-at-a-time"])
+def test_every_recipient_refused_sends_no_data_and_keeps_the_session(gateway_smtp, protected_domain, capture_server,
+                                                                     pipelining):
+    capture_server.handler.pipelining = pipelining
+    capture_server.handler.rcpt_script = {"gone@example.org": ["550 5.1.1 no such user"],
+                                          "left@example.org": ["550 5.1.1 no such user"]}
+    first = send(gateway_smtp, message(), to=("gone@example.org", "left@example.org"))
+    assert set(first.recipients.values_list("status", flat=True)) == {"bounced"}
+    assert capture_server.handler.attempts == 0  # no DATA was taken
+    # The session is left in a clean state (RSET) and carries the next message.
+    second = send(gateway_smtp, message(subject="second"), to=("bob@example.org",))
+    assert second.recipients.get().status == "delivered"
+    assert [m for m in capture_server.messages if m.recipients == ["bob@example.org"]]
