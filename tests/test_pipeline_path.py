@@ -241,3 +241,21 @@ def test_the_snapshots_follow_a_change_saved_in_this_process():
     config.spam_threshold = 7.5
     config.save()
     assert MailFlowSettings.cached().spam_threshold == 7.5
+
+
+@pytest.mark.django_db
+def test_the_log_tables_carry_no_pattern_matching_indexes():
+    """Every index on the message and recipient rows takes a new entry at each of their writes; the
+    varchar_pattern_ops copies Django adds for `startswith` serve no query here (gateway 0004)."""
+    from importlib import import_module
+
+    from tests.services import require_postgres
+
+    require_postgres()
+    migration = import_module("gateway.migrations.0004_drop_pattern_indexes")
+    with connection.cursor() as cursor:
+        assert migration.pattern_indexes(cursor) == []
+        # A Django-made pattern index is found, so that the migration has something to find.
+        cursor.execute("CREATE INDEX gateway_message_subject_probe_like ON gateway_message "
+                       "(subject varchar_pattern_ops)")
+        assert migration.pattern_indexes(cursor) == ["gateway_message_subject_probe_like"]
