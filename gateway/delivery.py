@@ -199,7 +199,6 @@ class DeliveryAttempt:
         self.preclaimed = claimed
         self.claimed: list[Recipient] = []
         self.finished_any = False  # an outcome was recorded already in this pass
-        self.pipelined = False  # this transaction's commands went in one write (RFC 2920)
         self.message_done = False  # the message's final state was written with the last outcome
 
     def claim(self) -> list[Recipient]:
@@ -384,11 +383,12 @@ class DeliveryAttempt:
             options.append(f"SIZE={len(data)}")
         # The addresses as the envelope gave them (checked at intake), not re-parsed as header addresses.
         commands = ["MAIL FROM:<" + self.message.envelope_sender + ">" + "".join(" " + o for o in options)]
-        self.pipelined = bool(smtp.has_extn("pipelining"))
-        if self.pipelined:
+        if smtp.has_extn("pipelining"):
             commands += [f"RCPT TO:<{r.address}>" for r in group] + ["DATA"]
-        # A non-ASCII address goes only with SMTPUTF8; without it, encoding raises UnicodeEncodeError.
-        smtp.send("".join(c + "\r\n" for c in commands).encode("utf-8" if utf8 else "ascii"))
+        # Every command of this transaction (the RCPTs sent one at a time too) in UTF-8 only with SMTPUTF8;
+        # a non-ASCII address without it raises UnicodeEncodeError.
+        smtp.command_encoding = "utf-8" if utf8 else "ascii"
+        smtp.send("".join(c + "\r\n" for c in commands))
         return smtp.getreply()
 
     def _transaction(self, smtp: smtplib.SMTP, destination: Destination, group: list[Recipient], data: bytes,
@@ -396,19 +396,20 @@ class DeliveryAttempt:
         """The rest of the transaction after MAIL FROM; True when the session can carry another message."""
         if first is None:
             return True
+        pipelined = smtp.has_extn("pipelining")  # the RCPTs and DATA went with MAIL FROM
         code, text = first
         if code != 250:
             self._finish(group, code, _reply(code, text), permanent=code >= 500)
             if code == 421:
                 return False  # the server is closing the session
-            if self.pipelined:
+            if pipelined:
                 for _ in range(len(group) + 1):  # the replies to the RCPTs and DATA sent with it
                     smtp.getreply()
             smtp.rset()
             return code != 421
         accepted = []
         for recipient in group:
-            if self.pipelined:
+            if pipelined:
                 code, text = smtp.getreply()
             else:
                 code, text = smtp.docmd("RCPT", f"TO:<{recipient.address}>")
@@ -416,12 +417,12 @@ class DeliveryAttempt:
                 accepted.append(recipient)
             else:
                 self._finish([recipient], code, _reply(code, text), permanent=code >= 500)
-        if self.pipelined:
+        if pipelined:
             code, text = smtp.getreply()
         elif accepted:
             code, text = smtp.docmd("DATA")
         if not accepted:
-            if self.pipelined and code == 354:
+            if pipelined and code == 354:
                 # A server that opened DATA although it refused every recipient gets an empty message.
                 smtp.send(b".\r\n")
                 smtp.getreply()

@@ -127,10 +127,11 @@ def test_tag_subject_touches_only_the_subject():
     assert tag_subject(b"From: a@b.example\r\n\r\nbody", "[SPAM]").startswith(b"From: a@b.example\r\nSubject: [SPAM]")
 
 
-def test_a_non_ascii_recipient_is_sent_with_smtputf8(gateway_smtp, protected_domain,
-                                                                             capture_server):
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-command-at-a-time"])
+def test_a_non_ascii_recipient_is_sent_with_smtputf8(gateway_smtp, protected_domain, capture_server, pipelining):
     from quarantine.actions import release_message
 
+    capture_server.handler.pipelining = pipelining
     msg = send(gateway_smtp, message())
     Message.objects.filter(pk=msg.pk).update(state=Message.State.QUARANTINED)
     Recipient.objects.filter(message=msg).update(status=Recipient.Status.QUARANTINED)
