@@ -182,6 +182,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 if CELERY_BROKER_URL.startswith("redis://"):
     # kombu's Redis transport, keeping one Redis client per channel (see the module).
     CELERY_BROKER_TRANSPORT = "appliance.redis_transport:Transport"
+    # No copy of each task in Redis's "unacked" set while it runs (two MULTI/EXEC round trips per task,
+    # ~1 ms of the worker's CPU per message). The rows are the truth: what a worker that died was holding
+    # is taken up by the sweeper from the rows' states; a worker that stops cleanly still puts back what
+    # it had not started. See docs/decisions.md ("A task is not kept in Redis while it runs").
+    CELERY_BROKER_TRANSPORT_OPTIONS["ack_emulation"] = envbool("CELERY_REDIS_ACK_EMULATION", "False")
 # Celery's Django fix-up closes every database connection around every task unless this is set: a new
 # PostgreSQL backend per task. Connections are kept instead; appliance/celery.py still drops old or
 # broken ones before each task (CONN_MAX_AGE, CONN_HEALTH_CHECKS).

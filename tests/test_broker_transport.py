@@ -1,11 +1,17 @@
 """The Redis transport of the task queue (appliance/redis_transport.py): kombu's, with one Redis client per
-channel instead of one per publish and acknowledgement. Against a real Redis."""
+channel instead of one per publish and acknowledgement, and no copy of a running task kept in Redis
+(ack emulation off; the rows are the truth, docs/decisions.md). Against a real Redis."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import redis
 from kombu import Connection
 
 from appliance.redis_transport import Channel, Transport
@@ -68,3 +74,72 @@ def test_a_redis_broker_url_selects_it_and_others_keep_kombus_own():
 
     assert transport_for("redis://127.0.0.1:6379/15") == "appliance.redis_transport:Transport"
     assert transport_for("amqp://guest@127.0.0.1//") == "amqp"
+
+
+def test_a_task_taken_leaves_no_copy_in_redis_and_a_closed_channel_puts_it_back():
+    url = require("redis")
+    queue_name = f"mailgate-unacked-{uuid.uuid4().hex[:8]}"
+    options = {"visibility_timeout": 3600, "ack_emulation": False}  # what the settings give a redis:// broker
+    client = redis.Redis.from_url(url)
+    with Connection(url, transport=Transport, transport_options=options) as connection:
+        queue = connection.SimpleQueue(queue_name)
+        queue.put({"message_id": 7})
+        message = queue.get(timeout=5)  # taken, not acknowledged: as a worker holds a task it runs
+        channel = queue.channel
+        assert message.payload == {"message_id": 7}
+        assert not [v for v in client.hvals(channel.unacked_key) if queue_name.encode() in v]
+        assert client.llen(queue_name) == 0
+        queue.close()  # a clean stop: what was taken and not acknowledged goes back
+    assert client.llen(queue_name) == 1
+    client.delete(queue_name)
+
+
+def test_a_worker_stopping_cleanly_puts_back_the_task_it_was_holding():
+    """A scan retried later (countdown) waits in the worker's memory; on SIGTERM it goes back to Redis."""
+    url = require("redis")
+    queue_name = f"mailgate-restore-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "CELERY_BROKER_URL": url,
+           "CELERY_TASK_ALWAYS_EAGER": "false"}
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "appliance", "worker", "-l", "info", "-Q",
+                               queue_name, "--concurrency", "1", "-n", f"{queue_name}@%h", "--without-gossip",
+                               "--without-mingle", "--without-heartbeat"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = redis.Redis.from_url(url)
+    try:
+        from appliance.celery import app
+
+        with Connection(url, transport=Transport, transport_options={"ack_emulation": False}) as connection:
+            app.send_task("gateway.tasks.scan_message", args=(424242,), countdown=600, queue=queue_name,
+                          connection=connection)
+        deadline = time.monotonic() + 60
+        while client.llen(queue_name) and time.monotonic() < deadline:  # the worker takes it
+            time.sleep(0.1)
+        assert client.llen(queue_name) == 0, "the worker did not take the task"
+        time.sleep(1)
+        # Nothing of it in Redis while it waits (with ack emulation, a copy would sit in the "unacked" hash).
+        assert not [v for v in client.hvals("unacked") if queue_name.encode() in v]
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0, output
+        back = [json.loads(m) for m in client.lrange(queue_name, 0, -1)]
+        assert [m["headers"]["task"] for m in back] == ["gateway.tasks.scan_message"], output
+        assert [m["headers"]["argsrepr"] for m in back] == ["(424242,)"]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        client.delete(queue_name)
+
+
+def test_the_settings_turn_ack_emulation_off_for_redis_only():
+    def options_for(url: str) -> str:
+        code = ("import django; django.setup(); from django.conf import settings; "
+                "print(settings.CELERY_BROKER_TRANSPORT_OPTIONS.get('ack_emulation'))")
+        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "CELERY_BROKER_URL": url}
+        env.pop("CELERY_REDIS_ACK_EMULATION", None)
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60, check=True)
+        return done.stdout.strip().splitlines()[-1]
+
+    assert options_for("redis://127.0.0.1:6379/15") == "False"
+    assert options_for("amqp://guest@127.0.0.1//") == "None"
