@@ -16,6 +16,12 @@ from django.db import transaction
 log = logging.getLogger(__name__)
 
 
+def _publish(task, args: tuple, **options) -> None:
+    # The arguments are ids and flags: their plain repr is what Celery's saferepr would give for the task
+    # message's argsrepr/kwargsrepr, at a fifth of its cost (a sixth of a publish's CPU, measured).
+    task.apply_async(args=args, argsrepr=repr(args), kwargsrepr="{}", **options)
+
+
 def _send(task_name: str, *args, countdown: float | None = None) -> None:
     if not settings.CELERY_BROKER_URL:
         if not settings.CELERY_TASK_ALWAYS_EAGER or countdown:
@@ -25,12 +31,12 @@ def _send(task_name: str, *args, countdown: float | None = None) -> None:
 
     task = getattr(tasks, task_name)
     if not settings.CELERY_BROKER_URL:
-        transaction.on_commit(lambda: task.apply_async(args=args, countdown=countdown))
+        transaction.on_commit(lambda: _publish(task, args, countdown=countdown))
         return
 
     def send() -> None:
         try:
-            task.apply_async(args=args, countdown=countdown)
+            _publish(task, args, countdown=countdown)
         except Exception:  # noqa: BLE001 - the broker is down: the row is committed, the sweeper sends it later
             log.exception("could not enqueue %s%r; the sweeper will pick it up", task_name, args)
 
@@ -56,7 +62,7 @@ def enqueue_scans(message_ids: list[int]) -> None:
     try:
         with app.producer_or_acquire() as producer, producer.batch():
             for message_id in message_ids:
-                tasks.scan_message.apply_async(args=(message_id,), producer=producer)
+                _publish(tasks.scan_message, (message_id,), producer=producer)
     except Exception:  # noqa: BLE001 - the broker is down: the rows are committed, the sweeper sends them later
         log.exception("could not enqueue the scans of %d messages; the sweeper will pick them up", len(message_ids))
 
