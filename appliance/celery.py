@@ -22,3 +22,37 @@ def _database_connections(**kwargs) -> None:
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+ASYNCHRONOUS_COMMIT = "mailgate-asynchronous-commit"
+
+
+def _asynchronous_commit(sender, connection, **kwargs) -> None:
+    if connection.vendor == "postgresql":
+        with connection.connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO off")
+
+
+def worker_commits_asynchronously() -> None:
+    """The worker's commits return before PostgreSQL has flushed them to disk (unless
+    WORKER_SYNCHRONOUS_COMMIT): a flush per commit is ~0.15 ms of the database's CPU and ~0.3 ms of
+    waiting, three times per message. What they record is the progress of mail already stored: the SMTP
+    server's own commits (the message, then `250`) stay synchronous. A database server that crashes loses
+    at most its last ~0.6 s of the worker's progress, which is then done again (a scan, or a delivery
+    sent twice), never a message (docs/decisions.md)."""
+    from django.conf import settings
+    from django.db import connections
+    from django.db.backends.signals import connection_created
+
+    if settings.WORKER_SYNCHRONOUS_COMMIT:
+        return
+    connection_created.connect(_asynchronous_commit, dispatch_uid=ASYNCHRONOUS_COMMIT)
+    for connection in connections.all(initialized_only=True):  # those opened before (start-up checks)
+        if connection.connection is not None:
+            _asynchronous_commit(None, connection)
+
+
+@signals.worker_init.connect
+def _worker_init(**kwargs) -> None:
+    worker_commits_asynchronously()
+

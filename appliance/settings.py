@@ -191,6 +191,8 @@ if CELERY_BROKER_URL.startswith("redis://"):
 # PostgreSQL backend per task. Connections are kept instead; appliance/celery.py still drops old or
 # broken ones before each task (CONN_MAX_AGE, CONN_HEALTH_CHECKS).
 CELERY_DB_REUSE_MAX = envint("CELERY_DB_REUSE_MAX", "1000000")
+# The Celery worker's (and runworker's) commits do not wait for the disk flush; the SMTP server's do.
+WORKER_SYNCHRONOUS_COMMIT = envbool("WORKER_SYNCHRONOUS_COMMIT", "False")
 # The few UPDATEs every message takes (gateway/rowsql.py) run as server-side prepared statements on
 # PostgreSQL; off for a transaction-mode connection pooler that cannot keep prepared statements.
 DB_PREPARED_STATEMENTS = envbool("DB_PREPARED_STATEMENTS", "True")

@@ -33,6 +33,9 @@ class Command(BaseCommand):
     def handle(self, *args, interval: float, threads: int, once: bool, **options):
         if settings.CELERY_BROKER_URL:
             self.stderr.write("CELERY_BROKER_URL is set: run `celery -A appliance worker -B` instead")
+        from appliance.celery import worker_commits_asynchronously
+
+        worker_commits_asynchronously()
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
         signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
