@@ -108,6 +108,9 @@ def test_rule_descriptions_and_averages(personas, traffic):  # noqa: F811
 
 @pytest.mark.django_db
 def test_sql_and_python_roll_ups_are_identical(personas, traffic):  # noqa: F811
+    from tests.services import require_postgres
+
+    require_postgres()  # the SQL roll-up is PostgreSQL's
     days = sorted({timezone.localtime(m.received_at).date() for m in Message.objects.all()})
     rebuild_days(days, method="sql")
     by_sql = snapshot()
@@ -150,3 +153,54 @@ def test_rows_are_per_scope(personas, traffic):  # noqa: F811
     assert scopes == {ALL_SCOPE, "example.com", "example.org"}
     # Outside senders' domains get no scope of their own: only protected domains do.
     assert not TrafficStat.objects.filter(scope="spam.test").exists()
+
+
+@pytest.mark.django_db
+def test_changed_since_sees_a_claim_a_scan_or_a_completion_alone(personas):  # noqa: F811
+    from reports.rollup import changed_since
+
+    now = timezone.now()
+    long_ago = now - timedelta(days=3)
+    claimed = make_message(ago=timedelta(days=3), state=Message.State.SCANNING)
+    scanned = make_message(ago=timedelta(days=3))
+    completed = make_message(ago=timedelta(days=3))
+    untouched = make_message(ago=timedelta(days=3))
+    Message.objects.update(claimed_at=None, scanned_at=None, completed_at=None)
+    Message.objects.filter(pk=claimed.pk).update(claimed_at=now)
+    Message.objects.filter(pk=scanned.pk).update(claimed_at=long_ago, scanned_at=now)
+    Message.objects.filter(pk=completed.pk).update(scanned_at=long_ago, completed_at=now)
+    Message.objects.filter(pk=untouched.pk).update(claimed_at=long_ago, scanned_at=long_ago, completed_at=long_ago)
+    found = set(Message.objects.filter(changed_since(now - timedelta(minutes=1))).values_list("pk", flat=True))
+    assert found == {claimed.pk, scanned.pk, completed.pk}
+
+
+@pytest.mark.django_db
+def test_on_postgresql_the_log_tables_keep_one_index_per_question():
+    """reports 0003: "changed since" is one expression index, and the recipient's address and domain are
+    served by the (address, message_id) and (domain, message_id) indexes alone."""
+    from django.db import connection
+
+    from reports.rollup import changed_since
+    from tests.services import require_postgres
+
+    require_postgres()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT tablename, indexdef FROM pg_indexes WHERE tablename IN "
+                       "('gateway_message', 'gateway_recipient')")
+        definitions = {(table, definition.split(" USING btree ")[-1]) for table, definition in cursor.fetchall()}
+        for column in ("claimed_at", "scanned_at", "completed_at"):
+            assert ("gateway_message", f"({column})") not in definitions
+        assert ("gateway_message", "(GREATEST(claimed_at, scanned_at, completed_at))") in definitions
+        for column in ("address", "domain"):
+            assert ("gateway_recipient", f"({column})") not in definitions
+            assert ("gateway_recipient", f"({column}, message_id)") in definitions
+        # The roll-up's question is the index's expression: the planner can use it.
+        sql, params = Message.objects.filter(changed_since(timezone.now())).values("id").query.sql_with_params()
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row for (row,) in cursor.fetchall())
+        assert "reports_message_changed_at" in plan, plan
+        for probe in ("address", "domain"):
+            cursor.execute(f"EXPLAIN SELECT id FROM gateway_recipient WHERE {probe} = %s", ["x@example.org"])
+            plan = "\n".join(row for (row,) in cursor.fetchall())
+            assert f"reports_recipient_{probe}_message" in plan, plan
