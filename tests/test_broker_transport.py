@@ -63,14 +63,20 @@ def test_a_new_pool_gets_a_new_client():
         channel.close()
 
 
+def last_line_printed(code: str, broker_url: str) -> str:
+    """Run Python code in a new process of the product's, with this broker configured; its last line out."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "CELERY_BROKER_URL": broker_url,
+           "CELERY_TASK_ALWAYS_EAGER": "false"}
+    env.pop("CELERY_REDIS_ACK_EMULATION", None)
+    done = subprocess.run([sys.executable, "-c", f"import django; django.setup(); {code}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    return (done.stdout.strip().splitlines() or [""])[-1]
+
+
 def test_a_redis_broker_url_selects_it_and_others_keep_kombus_own():
     def transport_for(url: str) -> str:
-        code = ("import django; django.setup(); from appliance.celery import app; "
-                "print(app.connection_for_write().transport_cls)")
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "CELERY_BROKER_URL": url}
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=60, check=True)
-        return done.stdout.strip().splitlines()[-1]
+        return last_line_printed("from appliance.celery import app; print(app.connection_for_write().transport_cls)",
+                                 url)
 
     assert transport_for("redis://127.0.0.1:6379/15") == "appliance.redis_transport:Transport"
     assert transport_for("amqp://guest@127.0.0.1//") == "amqp"
@@ -138,13 +144,8 @@ def test_a_worker_stopping_cleanly_puts_back_the_task_it_was_holding():
 
 def test_the_settings_turn_ack_emulation_off_for_redis_only():
     def options_for(url: str) -> str:
-        code = ("import django; django.setup(); from django.conf import settings; "
-                "print(settings.CELERY_BROKER_TRANSPORT_OPTIONS.get('ack_emulation'))")
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "CELERY_BROKER_URL": url}
-        env.pop("CELERY_REDIS_ACK_EMULATION", None)
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=60, check=True)
-        return done.stdout.strip().splitlines()[-1]
+        return last_line_printed("from django.conf import settings; "
+                                 "print(settings.CELERY_BROKER_TRANSPORT_OPTIONS.get('ack_emulation'))", url)
 
     assert options_for("redis://127.0.0.1:6379/15") == "False"
     assert options_for("amqp://guest@127.0.0.1//") == "None"
@@ -155,13 +156,8 @@ def test_the_mail_path_publishes_its_tasks_with_their_arguments_shown():
     url = require("redis")
     client = redis.Redis.from_url(url)
     marker = 900_000_000 + int(uuid.uuid4().int % 1_000_000)
-    code = ("import django; django.setup(); from gateway import queue; "
-            f"queue.enqueue_scans([{marker}, {marker + 1}]); queue.enqueue_scan({marker + 2}); "
-            f"queue.enqueue_learn({marker + 3}, True)")
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "appliance.settings", "CELERY_BROKER_URL": url,
-           "CELERY_TASK_ALWAYS_EAGER": "false"}
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-                   check=True)
+    last_line_printed(f"from gateway import queue; queue.enqueue_scans([{marker}, {marker + 1}]); "
+                      f"queue.enqueue_scan({marker + 2}); queue.enqueue_learn({marker + 3}, True)", url)
     published = {}
     for raw in client.lrange("celery", 0, -1):
         message = json.loads(raw)
