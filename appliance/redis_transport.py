@@ -2,10 +2,10 @@
 
 kombu's Redis channel makes a new `redis.Redis` client for every publish and every acknowledgement
 (`Channel.conn_or_acquire`), and redis-py builds a case-insensitive table of ~170 reply parsers in each
-client's `__init__`: about 0.06 ms of CPU each time, two or three times per mail message in the worker
-(the task's delivery to the unacked set, its acknowledgement) and once in the SMTP server (the scan's
-publish). A `redis.Redis` over a connection pool is safe to share between threads (each command takes a
-connection from the pool), so the channel keeps one.
+client's `__init__`: about 0.06 ms of CPU each time, once per mail message in the SMTP server (the scan's
+publish), and twice more per task in the worker when ack emulation is on (the task's copy in the unacked
+set, its acknowledgement; off by default, docs/decisions.md). A `redis.Redis` over a connection pool is
+safe to share between threads (each command takes a connection from the pool), so the channel keeps one.
 
 Used for `redis://` brokers (appliance/settings.py sets CELERY_BROKER_TRANSPORT); anything else gets
 kombu's own transport for its scheme.

@@ -153,14 +153,16 @@ def tag_subject(raw: bytes, prefix: str) -> bytes:
 # thread-safe), for SESSION_IDLE_SECONDS at most between uses and SESSION_MAX_USES messages.
 SESSION_IDLE_SECONDS = 2.0
 SESSION_MAX_USES = 100
-_sessions = threading.local()
+class _Sessions(threading.local):
+    def __init__(self) -> None:
+        self.cache: dict = {}  # destination -> (session, last used, messages carried)
+
+
+_sessions = _Sessions()
 
 
 def _session_cache() -> dict:
-    cache = getattr(_sessions, "cache", None)
-    if cache is None:
-        cache = _sessions.cache = {}
-    return cache
+    return _sessions.cache
 
 
 def _quit(smtp: smtplib.SMTP) -> None:
@@ -406,7 +408,7 @@ class DeliveryAttempt:
                 for _ in range(len(group) + 1):  # the replies to the RCPTs and DATA sent with it
                     smtp.getreply()
             smtp.rset()
-            return code != 421
+            return True
         accepted = []
         for recipient in group:
             if pipelined:

@@ -216,7 +216,6 @@ class MailFlowSettings(models.Model):
     def save(self, *args, **kwargs):
         self.pk = 1
         super().save(*args, **kwargs)
-        _settings_snapshot.clear()
 
     def action_for(self, verdict: str) -> str:
         return {
@@ -236,7 +235,7 @@ class MailFlowSettings(models.Model):
         return [line.strip().lower() for line in self.blocked_attachments.splitlines() if line.strip()]
 
 
-_settings_snapshot = Snapshot(MailFlowSettings.load)
+_settings_snapshot = Snapshot(MailFlowSettings.load).clear_on_change(MailFlowSettings)
 
 
 def role_of(user) -> str:
