@@ -123,8 +123,9 @@ def test_a_partial_failure_reads_the_recipients_back_and_sends_a_dsn(received, c
 
 
 def test_the_statements_of_the_path_are_prepared_once_per_connection(received, settings):
-    if connection.vendor != "postgresql":
-        pytest.skip("server-side prepared statements are PostgreSQL's")
+    from tests.services import require_postgres
+
+    require_postgres()  # server-side prepared statements are PostgreSQL's
 
     def prepared() -> set[str]:
         with connection.cursor() as cursor:

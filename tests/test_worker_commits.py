@@ -7,14 +7,14 @@ from django.db import connection, connections
 from django.db.backends.signals import connection_created
 
 from appliance.celery import ASYNCHRONOUS_COMMIT, _worker_init, worker_commits_asynchronously
+from tests.services import require_postgres
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
 def postgresql_only():
-    if connection.vendor != "postgresql":
-        pytest.skip("synchronous_commit is a PostgreSQL setting")
+    require_postgres()  # synchronous_commit is a PostgreSQL setting
     yield
     connection_created.disconnect(dispatch_uid=ASYNCHRONOUS_COMMIT)
 
