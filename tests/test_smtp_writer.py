@@ -286,38 +286,3 @@ def test_other_addresses_go_to_the_parser(argument):
     from gateway.smtp.server import _PLAIN_PATH
 
     assert _PLAIN_PATH.match(argument) is None
-
-
-# --- the scans of a batch, through a real broker ------------------------------------------------------------
-
-@pytest.mark.services
-def test_the_scans_of_a_batch_go_to_the_broker_in_one_round_trip():
-    """One Celery task per message, in one Redis pipeline; what a worker reads is an ordinary task. (In a
-    process of its own: the test process's Celery app runs tasks eagerly.)"""
-    import base64
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import redis as redis_client
-
-    from tests.services import require
-
-    url = require("redis")
-    client = redis_client.Redis.from_url(url)
-    client.delete("celery")
-    env = {**os.environ, "CELERY_BROKER_URL": url, "CELERY_TASK_ALWAYS_EAGER": "false",
-           "DJANGO_SETTINGS_MODULE": "appliance.settings"}
-    code = "import django; django.setup(); from gateway import queue; queue.enqueue_scans([11, 12, 13])"
-    try:
-        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parent.parent,
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        raw = client.lrange("celery", 0, -1)
-    finally:
-        client.delete("celery")
-    messages = [json.loads(m) for m in raw]
-    tasks = sorted((m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages)
-    assert tasks == [("gateway.tasks.scan_message", [n]) for n in (11, 12, 13)]
