@@ -200,3 +200,91 @@ def test_the_mail_path_publishes_its_tasks_batched_and_with_their_arguments_show
         f"({ids[3]},)": ("gateway.tasks.scan_message", [ids[3]], "{}"),
         f"({ids[4]}, True)": ("gateway.tasks.learn_message", [ids[4], True], "{}"),
     }
+
+
+# The SMTP server's way (gateway.queue.ScanSender, from an event loop) and Celery's own, in one process.
+SEND_BOTH = """
+import asyncio
+from gateway import queue, tasks
+
+async def send():
+    sender = queue.ScanSender(run_sync=None)  # never falls back here: a redis:// broker
+    await sender.send([{m}, {m1}, {m2}])
+    await sender.close()
+
+asyncio.run(send())
+queue._publish(tasks.scan_message, ({m3},))
+print("sent")
+"""
+
+
+def lpush_calls(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+
+
+def test_scans_sent_from_the_event_loop_are_the_messages_celery_sends():
+    """What the SMTP server writes to Redis for the scans of a group commit (one LPUSH for all of them)
+    is, field for field, what Celery writes for the same task, but for the task id, the argument and
+    kombu's delivery tag; the worker reads them as it reads Celery's (the end-to-end tests run them)."""
+    url = require("redis")
+    client = redis.Redis.from_url(url)
+    m = 910_000_000 + int(uuid.uuid4().int % 1_000_000)
+    ids = [m + k for k in range(4)]
+    before = lpush_calls(client)
+    assert last_line_printed(f"exec({SEND_BOTH.format(m=ids[0], m1=ids[1], m2=ids[2], m3=ids[3])!r})", url) == "sent"
+    assert lpush_calls(client) - before == 2  # one for the three scans of the event loop, one for Celery's
+    sent = {}
+    for raw in client.lrange("celery", 0, -1):
+        message = json.loads(raw)
+        args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
+        if args and args[0] in ids:
+            sent[args[0]] = (message, kwargs, embed)
+            client.lrem("celery", 1, raw)
+    assert sorted(sent) == ids
+    celerys, celery_kwargs, celery_embed = sent[ids[3]]
+    per_task = {"headers": {"id", "root_id", "argsrepr"}, "properties": {"correlation_id", "delivery_tag", "argsrepr"}}
+    task_ids = set()
+    for message_id in ids[:3]:
+        ours, kwargs, embed = sent[message_id]
+        assert (kwargs, embed) == (celery_kwargs, celery_embed)
+        assert ours.keys() == celerys.keys()
+        assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == \
+            {k: v for k, v in celerys.items() if k not in ("body", "headers", "properties")}
+        for part, varying in per_task.items():
+            assert ours[part].keys() == celerys[part].keys()
+            assert {k: v for k, v in ours[part].items() if k not in varying} == \
+                {k: v for k, v in celerys[part].items() if k not in varying}
+        headers = ours["headers"]
+        assert headers["task"] == "gateway.tasks.scan_message" and headers["argsrepr"] == f"({message_id},)"
+        assert headers["id"] == headers["root_id"] == ours["properties"]["correlation_id"]
+        assert ours["properties"]["delivery_tag"] != celerys["properties"]["delivery_tag"]
+        task_ids.add(headers["id"])
+    assert len(task_ids) == 3
+
+
+def test_routes_a_plain_lpush_cannot_follow_go_through_celery(monkeypatch):
+    from gateway import queue, tasks
+
+    assert queue.task_template(tasks.scan_message).key == "celery"
+    send = tasks.scan_message.apply_async
+    for options in ({"priority": 5}, {"exchange": "mailgate-named", "routing_key": "scan"}, {"expires": 3600}):
+        monkeypatch.setattr(tasks.scan_message, "apply_async",
+                            lambda *args, options=options, **kwargs: send(*args, **kwargs, **options))
+        assert queue.task_template(tasks.scan_message) is None, options
+
+
+def test_a_broker_that_does_not_answer_leaves_the_scans_to_the_sweeper(settings, caplog):
+    import asyncio
+
+    from gateway import queue
+
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+
+    async def send() -> None:
+        sender = queue.ScanSender(run_sync=None)
+        await sender.send([1, 2])
+        await sender.close()
+
+    asyncio.run(send())  # no exception: the messages are committed, the client gets its 250
+    assert "could not enqueue the scans of 2 messages; the sweeper will pick them up" in caplog.text

@@ -136,11 +136,13 @@ class PostgresIntakeWriter(IntakeWriter):
         self.alias = alias
         self._connection = None
         self._sql: str | None = None
+        self.scans = queue.ScanSender(run_sync)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
+        await self.scans.close()
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._connection is not None and not self._connection.closed:
@@ -176,9 +178,8 @@ class PostgresIntakeWriter(IntakeWriter):
         ids = {queue_id: pk for pk, queue_id in rows}
         stored = [Stored(ids[message["queue_id"]], message["queue_id"]) for message, _ in built]
         if queue.tasks_are_sent():
-            # The broker's client is synchronous: publish in a thread; the 250 waits for it, as it waited
-            # for the on_commit hook of the ORM path.
-            await self.run_sync(queue.enqueue_scans, [s.id for s in stored])
+            # The 250 waits for the publish, as it waits for the on_commit hook of the ORM path.
+            await self.scans.send([s.id for s in stored])
         return stored
 
     def _statement(self) -> str:
