@@ -52,3 +52,37 @@ def test_the_setting_keeps_them_synchronous(settings):
 def test_celery_workers_set_it_up_as_they_start():
     connected = [reference() for _, reference in signals.worker_init.receivers]
     assert _worker_init in connected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_that_served_the_task_before_a_moment_ago_is_not_checked_again(monkeypatch):
+    from appliance import celery as worker
+
+    connection.ensure_connection()
+    worker._database_connections(signal=signals.task_postrun)
+    worker._database_connections(signal=signals.task_prerun)
+    assert connection.health_check_done  # no SELECT 1 before this task's first statement
+    monkeypatch.setattr(worker, "HEALTH_CHECK_AFTER_IDLE", 0.0)  # now it has been idle long enough
+    worker._database_connections(signal=signals.task_prerun)
+    assert not connection.health_check_done
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_idle_connection_whose_server_went_away_is_replaced_before_the_task(monkeypatch):
+    from appliance import celery as worker
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = cursor.fetchone()[0]
+    worker._database_connections(signal=signals.task_postrun)
+    monkeypatch.setattr(worker, "HEALTH_CHECK_AFTER_IDLE", 0.0)
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [backend])
+    finally:
+        other.close()
+    worker._database_connections(signal=signals.task_prerun)
+    with connection.cursor() as cursor:  # the health check finds it gone and connects again
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != backend
