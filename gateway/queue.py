@@ -133,13 +133,17 @@ def task_template(task, queues=None) -> TaskTemplate | None:
     with Connection("memory://") as connection:
         task.apply_async(args=(_TEMPLATE_ARGUMENT,), task_id=_TEMPLATE_TASK_ID, argsrepr=argsrepr,
                          kwargsrepr="{}", connection=connection)
-        channel = connection.default_channel
         sent = None
-        for name in list(channel.queues):
-            while not channel.queues[name].empty():
-                candidate = channel.queues[name].get_nowait()
+        for waiting in list(connection.default_channel.queues.values()):  # kombu keeps them per process
+            others = []
+            while not waiting.empty():
+                candidate = waiting.get_nowait()
                 if candidate.get("headers", {}).get("id") == _TEMPLATE_TASK_ID:
                     sent = candidate
+                else:
+                    others.append(candidate)
+            for other in others:  # anything else in there is someone else's
+                waiting.put(other)
     if sent is None:
         return None
     properties, headers = dict(sent.get("properties", {})), dict(sent.get("headers", {}))
