@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Session, _AuthMechAttr, login_always_fail, make_loop
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, _AuthMechAttr, login_always_fail, make_loop
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError
@@ -49,6 +49,7 @@ from quarantine.lists import list_decision, sender_matches
 from . import tls as tls_config
 from .addresses import AddressError, parse_address
 from .auth import check_login
+from .data import read_message_data
 from .intake import Envelope, Policy, PolicyCache, log_refusal
 from .writer import IntakeWriter
 
@@ -318,9 +319,41 @@ class GatewaySMTP(SMTP):
         # From DATA to our reply the client has handed us a message: a shutdown waits for it.
         self.gateway.transactions_in_flight += 1
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self.gateway.transactions_in_flight -= 1
+
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's DATA, with the data read by gateway.smtp.data (in as few reads as the client sent it,
+        not a line at a time) instead of its line loop; the checks, replies and hooks are aiosmtpd's."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            data = await read_message_data(self._reader, size_limit=self.data_size_limit,
+                                           line_limit=self.line_length_limit)
+        except asyncio.IncompleteReadError:  # the client went away in the middle of its data
+            self._writer.close()
+            return
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if data.error:
+            await self.push(data.error)
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = data.content
+        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     async def smtp_AUTH(self, arg: str) -> None:
         if not self.offers_auth():
