@@ -110,6 +110,13 @@ def test_over_the_size_limit_is_refused_after_the_whole_data_and_at_the_limit_is
     assert read(cut(stream, rng), size_limit=500) == (b"", "552 Error: Too much mail data", b"QUIT\r\n")
 
 
+def test_a_size_limit_of_zero_is_no_limit():
+    stream = b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    for limit in (0, None):
+        assert read([stream], size_limit=limit) == (b"Subject: hi\r\n\r\nbody\r\n", "", b"QUIT\r\n")
+        assert read(cut(stream, random.Random(1)), size_limit=limit)[0] == b"Subject: hi\r\n\r\nbody\r\n"
+
+
 def test_a_message_larger_than_the_readers_buffer_is_read_whole():
     line = b"y" * 76 + b"\r\n"
     body = b"".join(b"." + line if n % 7 == 0 else line for n in range(60_000))  # ~4.7 MiB

@@ -17,6 +17,11 @@ def postgresql_only():
     require_postgres()  # synchronous_commit is a PostgreSQL setting
     yield
     connection_created.disconnect(dispatch_uid=ASYNCHRONOUS_COMMIT)
+    from appliance.celery import _note_statement
+
+    for each in connections.all():  # what a task's start installs stays with the worker's connections
+        if _note_statement in each.execute_wrappers:
+            each.execute_wrappers.remove(_note_statement)
 
 
 def synchronous_commit_of_a_new_connection() -> str:
@@ -55,14 +60,25 @@ def test_celery_workers_set_it_up_as_they_start():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_connection_that_served_the_task_before_a_moment_ago_is_not_checked_again(monkeypatch):
+def test_a_connection_used_a_moment_ago_is_not_checked_again_and_an_idle_one_is(monkeypatch):
+    import time
+
     from appliance import celery as worker
 
-    connection.ensure_connection()
+    worker._database_connections(signal=signals.task_prerun)  # the first task: it notes its statements
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
     worker._database_connections(signal=signals.task_postrun)
     worker._database_connections(signal=signals.task_prerun)
     assert connection.health_check_done  # no SELECT 1 before this task's first statement
-    monkeypatch.setattr(worker, "HEALTH_CHECK_AFTER_IDLE", 0.0)  # now it has been idle long enough
+    # A task that did not use the connection (or sat for seconds on spamd) does not make it look fresh.
+    connection.mailgate_statement_at = time.monotonic() - 5
+    worker._database_connections(signal=signals.task_postrun)
+    worker._database_connections(signal=signals.task_prerun)
+    assert not connection.health_check_done
+    monkeypatch.setattr(worker, "HEALTH_CHECK_AFTER_IDLE", 0.0)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
     worker._database_connections(signal=signals.task_prerun)
     assert not connection.health_check_done
 
@@ -74,7 +90,6 @@ def test_an_idle_connection_whose_server_went_away_is_replaced_before_the_task(m
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         backend = cursor.fetchone()[0]
-    worker._database_connections(signal=signals.task_postrun)
     monkeypatch.setattr(worker, "HEALTH_CHECK_AFTER_IDLE", 0.0)
     other = connections.create_connection("default")
     try:

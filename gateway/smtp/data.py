@@ -32,9 +32,10 @@ def _partial_end(tail: bytes) -> int:
 
 async def read_message_data(reader: asyncio.StreamReader, *, size_limit: int | None,
                             line_limit: int) -> MessageData:
-    """The data after `354`, through the lone dot. Over `size_limit` bytes gives aiosmtpd's `552` reply
-    and a line longer than `line_limit` (CRLF included) its `500`, each only once the whole data has been
-    read (RFC 5321 §4.2.5); the data is not kept once it is too large.
+    """The data after `354`, through the lone dot. Over `size_limit` bytes (0 or None: no limit) gives
+    aiosmtpd's `552` reply and a line longer than `line_limit` (CRLF included) its `500`, each only once
+    the whole data has been read (RFC 5321 §4.2.5); the data is not kept once it is too large. Data both
+    too large and with a too-long line gets the `552` (aiosmtpd answers whichever it met first).
 
     The data begins at the start of a line: it is read as if a CRLF came before it, so that a lone dot
     as its first line ends it too (an empty message). An end-of-data sequence split between two reads is
@@ -58,7 +59,7 @@ async def read_message_data(reader: asyncio.StreamReader, *, size_limit: int | N
                 piece = await reader.read(exc.consumed)
                 done = False
         size += len(piece)
-        if size_limit is None or size <= size_limit + 3:
+        if not size_limit or size <= size_limit + 3:  # 0 or None: no limit, as for aiosmtpd
             pieces.append(piece)
         else:
             pieces.clear()  # not kept: refused once the data is all in
