@@ -139,10 +139,13 @@ class PostgresIntakeWriter(IntakeWriter):
         self.scans = queue.ScanSender(run_sync)
 
     async def close(self) -> None:
+        await self._drop_connection()
+        await self.scans.close()
+
+    async def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
-        await self.scans.close()
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self._connection is not None and not self._connection.closed:
@@ -169,7 +172,7 @@ class PostgresIntakeWriter(IntakeWriter):
                 rows = await cursor.fetchall()
             except Exception:
                 if connection.broken or connection.closed:
-                    await self.close()
+                    await self._drop_connection()  # the next batch connects again; the broker's client stays
                 raise
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             raise DataError(str(exc)) from exc  # this batch's values: another batch may well be stored
