@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from django.conf import settings
 from django.db import transaction
@@ -119,7 +120,7 @@ class TaskTemplate:
                           separators=(",", ":")).encode()
 
 
-def task_template(task, queues=None) -> TaskTemplate | None:
+def task_template(task) -> TaskTemplate | None:
     """The template of `task`'s messages, captured by sending one through Celery's own code (its router,
     headers and options) to kombu's in-memory transport, which makes the message exactly as kombu's
     Redis transport does. None when a plain LPUSH could not stand in for kombu's publish: a named
@@ -146,9 +147,9 @@ def task_template(task, queues=None) -> TaskTemplate | None:
                 waiting.put(other)
     if sent is None:
         return None
-    properties, headers = dict(sent.get("properties", {})), dict(sent.get("headers", {}))
+    properties, headers = sent.get("properties", {}), sent.get("headers", {})
     delivery = properties.get("delivery_info", {})
-    queue = (queues if queues is not None else app.amqp.queues).get(delivery.get("routing_key"))
+    queue = app.amqp.queues.get(delivery.get("routing_key"))
     if (delivery.get("exchange") != "" or properties.get("priority") or properties.get("body_encoding") != "base64"
             or sent.get("content-type") != "application/json" or queue is None
             or headers.get("eta") or headers.get("expires") or properties.get("expiration")  # times of the publish
@@ -190,26 +191,25 @@ class ScanSender:
 
     def __init__(self, run_sync: Callable[..., Awaitable]):
         self.run_sync = run_sync
-        self._template: TaskTemplate | None | bool = False  # False: not looked at yet
         self._client = None
 
-    def _direct(self) -> TaskTemplate | None:
-        if self._template is False:
-            url = settings.CELERY_BROKER_URL
-            self._template = None
-            if url.startswith("redis://") and ";" not in url and not settings.CELERY_TASK_ALWAYS_EAGER:
-                from gateway import tasks
+    @cached_property
+    def template(self) -> TaskTemplate | None:
+        """The scan task's message to fill in, or None: through Celery (looked at on the first send)."""
+        url, template = settings.CELERY_BROKER_URL, None
+        if url.startswith("redis://") and ";" not in url and not settings.CELERY_TASK_ALWAYS_EAGER:
+            from gateway import tasks
 
-                try:
-                    self._template = task_template(tasks.scan_message)
-                except Exception:  # noqa: BLE001 - Celery's own path still works
-                    log.exception("scan tasks go through Celery: their message could not be prepared")
-            if self._template is None:
-                log.info("scan tasks are sent through Celery")
-        return self._template
+            try:
+                template = task_template(tasks.scan_message)
+            except Exception:  # noqa: BLE001 - Celery's own path still works
+                log.exception("scan tasks go through Celery: their message could not be prepared")
+        if template is None:
+            log.info("scan tasks are sent through Celery")
+        return template
 
     async def send(self, message_ids: list[int]) -> None:
-        template = self._direct()
+        template = self.template
         if template is None:
             await self.run_sync(enqueue_scans, message_ids)
             return
