@@ -152,6 +152,19 @@ def test_the_settings_turn_ack_emulation_off_for_redis_only():
     assert options_for("amqp://guest@127.0.0.1//") == "None"
 
 
+def take_published(client: redis.Redis, ids: list[int]) -> dict[int, tuple[dict, list]]:
+    """The task messages in the `celery` list whose first argument is one of `ids`, taken out of it (other
+    tests share the list): first argument -> (message, decoded body [args, kwargs, embed])."""
+    taken = {}
+    for raw in client.lrange("celery", 0, -1):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        if body[0] and body[0][0] in ids:
+            taken[body[0][0]] = (message, body)
+            client.lrem("celery", 1, raw)
+    return taken
+
+
 # Run in the product's own process: it counts the writes that carry an LPUSH, and makes Celery's saferepr fail.
 PUBLISH = """
 import celery.app.amqp as amqp
@@ -184,14 +197,8 @@ def test_the_mail_path_publishes_its_tasks_batched_and_with_their_arguments_show
     ids = [m + k for k in range(5)]
     code = PUBLISH.format(m=ids[0], m1=ids[1], m2=ids[2], m3=ids[3], m4=ids[4])
     batch_writes = last_line_printed(f"exec({code!r})", url)
-    published = {}
-    for raw in client.lrange("celery", 0, -1):
-        message = json.loads(raw)
-        args = json.loads(base64.b64decode(message["body"]))[0]
-        if args and args[0] in ids:
-            published[message["headers"]["argsrepr"]] = (message["headers"]["task"], args,
-                                                         message["headers"]["kwargsrepr"])
-            client.lrem("celery", 1, raw)
+    published = {message["headers"]["argsrepr"]: (message["headers"]["task"], args, message["headers"]["kwargsrepr"])
+                 for message, (args, _, _) in take_published(client, ids).values()}
     assert batch_writes == "1"
     assert published == {
         f"({ids[0]},)": ("gateway.tasks.scan_message", [ids[0]], "{}"),
@@ -233,13 +240,8 @@ def test_scans_sent_from_the_event_loop_are_the_messages_celery_sends():
     before = lpush_calls(client)
     assert last_line_printed(f"exec({SEND_BOTH.format(m=ids[0], m1=ids[1], m2=ids[2], m3=ids[3])!r})", url) == "sent"
     assert lpush_calls(client) - before == 2  # one for the three scans of the event loop, one for Celery's
-    sent = {}
-    for raw in client.lrange("celery", 0, -1):
-        message = json.loads(raw)
-        args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
-        if args and args[0] in ids:
-            sent[args[0]] = (message, kwargs, embed)
-            client.lrem("celery", 1, raw)
+    sent = {first: (message, kwargs, embed)
+            for first, (message, (_, kwargs, embed)) in take_published(client, ids).items()}
     assert sorted(sent) == ids
     celerys, celery_kwargs, celery_embed = sent[ids[3]]
     per_task = {"headers": {"id", "root_id", "argsrepr"}, "properties": {"correlation_id", "delivery_tag", "argsrepr"}}
