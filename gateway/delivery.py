@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import transaction
@@ -27,6 +28,9 @@ from .auth.dmarc import strip_authentication_results
 from .auth.dns import TemporaryDNSError, get_sync_resolver
 from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Route, Verdict, parse_host_port
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .pipeline import HeldVerdict
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +193,7 @@ class DeliveryAttempt:
     """One pass over the due recipients of one message."""
 
     def __init__(self, message: Message, raw: bytes | None = None, recipient_count: int | None = None,
-                 claimed: list[Recipient] | None = None):
+                 claimed: list[Recipient] | None = None, held: HeldVerdict | None = None):
         self.message = message
         self.raw = raw
         # How many recipients the message has, when the caller knows (the scan just counted them): when this
@@ -198,7 +202,10 @@ class DeliveryAttempt:
         self.config = MailFlowSettings.cached()
         self.now = timezone.now()
         # Recipients the caller already claimed for this pass (the scan, in the UPDATE of their verdict).
-        self.preclaimed = claimed
+        self.preclaimed = held.recipients if held is not None else claimed
+        # The scan's verdict, when it is still to be written (with the first outcome; pipeline.HeldVerdict).
+        self.held = held
+        self.lost = False  # the scan's claim was lost before the verdict was written: nothing is recorded
         self.claimed: list[Recipient] = []
         self.finished_any = False  # an outcome was recorded already in this pass
         self.message_done = False  # the message's final state was written with the last outcome
@@ -260,11 +267,26 @@ class DeliveryAttempt:
                 log.exception("delivery of %s failed unexpectedly", self.message.queue_id)
                 self._finish([r for r in group if r.status == Recipient.Status.DELIVERING], 451,
                              "4.3.0 local error while delivering")
+        if self.held is not None:
+            self._write_held()
         self._update_message()
+
+    def _write_held(self) -> bool:
+        """Write the held verdict, this pass's recipients claimed with it; False when the scan's claim was
+        lost meanwhile (another worker has the message: this pass records nothing)."""
+        held, self.held = self.held, None
+        if held.write() is None:
+            self.lost = True
+            log.warning("%s: the scan's claim was lost during its delivery; its outcome is not recorded",
+                        self.message.queue_id)
+            return False
+        return True
 
     def _send(self, destinations: tuple[Destination, ...], group: list[Recipient], data: bytes) -> None:
         code, text, permanent = 451, "4.4.1 no destination could be tried", False
         for destination in destinations:
+            if self.held is not None and not self.held.fresh() and not self._write_held():
+                return
             unfinished = self._reclaim([r for r in group if r.status == Recipient.Status.DELIVERING])
             if not unfinished:
                 return
@@ -473,6 +495,8 @@ class DeliveryAttempt:
         completes = (delivered and len(groups) == 1 and not self.finished_any and self.recipient_count is not None
                      and len(recipients) == len(self.claimed) == self.recipient_count)
         self.finished_any = True
+        if self.lost or (self.held is not None and not completes and not self._write_held()):
+            return
         for (held, status, attempts, delivered_at, next_attempt_at), group in groups.items():
             ids = [r.pk for r in group]
             values = {"status": status, "reply_code": code, "reply_text": text, "attempts": attempts,
@@ -480,7 +504,9 @@ class DeliveryAttempt:
             where = (f"{rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))}) "
                      f"AND {rowsql.state_is(Recipient, 'status')} AND {rowsql.column(Recipient, 'claimed_at')} = %s")
             params = [*ids, Recipient.Status.DELIVERING, rowsql.value(Recipient, "claimed_at", held)]
-            if completes:
+            if completes and self.held is not None:
+                self.message_done = self._record_with_verdict(values, ids, now)
+            elif completes:
                 self.message_done = self._record_with_final_state(values, where, params, len(ids), now)
             else:
                 rowsql.update(Recipient, values, where, params)
@@ -502,8 +528,21 @@ class DeliveryAttempt:
             return (rowsql.update(Recipient, values, where, params) == count
                     and bool(rowsql.update(Message, state, state_where, state_params)))
 
+    def _record_with_verdict(self, values: dict, ids: list[int], now) -> bool:
+        """The held verdict with every recipient's outcome and the message's final state, in one statement.
+        True when all of it was written (or nothing, the claim being lost); False when some recipient was
+        not recorded (no longer pending), so that _update_message reads them back."""
+        held, self.held = self.held, None
+        written = held.write_delivered(values, ids, now)
+        if written is None:
+            self.lost = True
+            log.warning("%s: the scan's claim was lost during its delivery; its outcome is not recorded",
+                        self.message.queue_id)
+            return True
+        return written == len(ids)
+
     def _update_message(self) -> None:
-        if self.message_done:
+        if self.message_done or self.lost:
             return
         statuses = list(self.message.recipients.values_list("status", flat=True))
         failures = {Recipient.Status.BOUNCED, Recipient.Status.EXPIRED}
@@ -544,6 +583,6 @@ def _state_from(statuses: list[str], current: str) -> str:
 
 
 def deliver(message: Message, raw: bytes | None = None, *, recipient_count: int | None = None,
-            claimed: list[Recipient] | None = None) -> None:
-    DeliveryAttempt(message, raw, recipient_count, claimed).run()
+            claimed: list[Recipient] | None = None, held: HeldVerdict | None = None) -> None:
+    DeliveryAttempt(message, raw, recipient_count, claimed, held).run()
 

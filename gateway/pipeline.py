@@ -7,6 +7,7 @@ what is to be delivered to the delivery task on commit.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Iterable
@@ -198,9 +199,91 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     else:
         result = _in_a_transaction(message, outcome, config, groups, now)
     if result is not None:
-        log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
-                 message.action, message.spam_score, ",".join(message.virus_names) or "-")
+        _log_verdict(message)
     return result
+
+
+def _log_verdict(message: Message) -> None:
+    log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
+             message.action, message.spam_score, ",".join(message.virus_names) or "-")
+
+
+def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
+                 pending: list[Recipient] | None) -> HeldVerdict | None:
+    """The verdict held back for the delivery that follows, when the path allows it (see HeldVerdict):
+    PostgreSQL, no allow/block entry (one verdict for every pending recipient), an action that delivers,
+    recipients pending, and a scan claim far from stale. None: apply_verdict() writes it now."""
+    if not pending or not rowsql.writes_in_one_statement() or not lists_are_empty():
+        return None
+    now = timezone.now()
+    action = config.action_for(outcome.verdict)
+    key = (outcome.verdict, action, RECIPIENT_STATUS[action])
+    if key[2] != Recipient.Status.PENDING:
+        return None
+    held = HeldVerdict(message, outcome, config, key, now, pending)
+    if not held.fresh():
+        return None
+    _outcome_to_message(message, outcome, [key], config, now)
+    values = _recipient_values(*key, now)
+    for recipient in pending:  # claimed for the delivery, in memory: the scan's claim covers them
+        for name, value in values.items():
+            setattr(recipient, name, value)
+    return held
+
+
+@dataclass
+class HeldVerdict:
+    """A scan's outcome not yet written, for a delivery that follows at once under the scan's claim.
+
+    When that delivery's one SMTP transaction takes every recipient (nearly every message), the verdict,
+    the recipients' outcome and the message's final state go in one statement (`write_delivered`): one
+    write per message fewer than the verdict, then the outcome. Any other course (a refusal, a deferral,
+    several destinations, a pass long enough for the scan's claim to near staleness) writes the verdict
+    first (`write`, the statement of apply_verdict, which claims the recipients under the timestamp they
+    already carry), then records each outcome as usual. A worker that dies between the SMTP transaction
+    and the write leaves the message claimed for its scan; the sweeper hands it back when the claim is
+    stale and it is scanned and delivered again, as a delivery whose outcome was not recorded is today.
+    """
+
+    message: Message
+    outcome: ScanOutcome
+    config: MailFlowSettings
+    key: tuple[str, str, str]
+    now: datetime.datetime
+    recipients: list[Recipient]
+
+    def fresh(self) -> bool:
+        """Whether the scan's claim is young enough to carry on under it (the sweeper hands claims older
+        than STALE_CLAIM_SECONDS to another worker)."""
+        claimed_at = self.message.claimed_at or self.now
+        return (timezone.now() - claimed_at).total_seconds() < settings.STALE_CLAIM_SECONDS / 2
+
+    def write(self) -> Applied | None:
+        """The verdict, its recipients claimed for this delivery; None when the scan's claim was lost."""
+        result = _in_one_statement(self.message, self.outcome, self.config, {self.key: None}, self.now)
+        if result is not None:
+            _log_verdict(self.message)
+        return result
+
+    def write_delivered(self, values: dict, ids: list[int], completed_at: datetime.datetime) -> int | None:
+        """The verdict, the message delivered, and these recipients' outcome (`values`), in one statement
+        under the scan's claim: how many recipients it recorded, None when the claim was lost (nothing
+        written)."""
+        message = self.message
+        fields = {**_verdict_fields(message), "state": Message.State.DELIVERED, "completed_at": completed_at}
+        sql, params = rowsql.update_sql(Message, fields, *_claim_check(message), returning=rowsql.column(Message, "id"))
+        recipients = rowsql.table(Recipient)
+        where = (f"{recipients}.{rowsql.column(Recipient, 'message')} = scanned.{rowsql.column(Message, 'id')} "
+                 f"AND {rowsql.state_is(Recipient, 'status')} "
+                 f"AND {recipients}.{rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))})")
+        count = rowsql.update(Recipient, {"verdict": self.key[0], "action": self.key[1], **values}, where,
+                              [Recipient.Status.PENDING, *ids], with_=rowsql.With("scanned", sql, params))
+        if not count and not Message.objects.filter(pk=message.pk, state=Message.State.DELIVERED,
+                                                    scanned_at=self.now).exists():
+            return None
+        message.state, message.completed_at = Message.State.DELIVERED, completed_at
+        _log_verdict(message)
+        return count
 
 
 def _verdicts_after_lists(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> Groups:

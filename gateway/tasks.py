@@ -4,8 +4,10 @@ whatever a lost task (a dead worker, a flushed broker) left behind."""
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
+from typing import NamedTuple
 
 from celery import shared_task
 from django.conf import settings
@@ -19,32 +21,60 @@ from .scanners import ScannerUnavailable, spamassassin
 log = logging.getLogger(__name__)
 
 
-def claim_scan(message_id: int) -> tuple[Message, bytes, int] | None:
+class ScanClaim(NamedTuple):
+    message: Message
+    raw: bytes
+    recipient_count: int
+    # The recipients waiting for this scan's verdict (PostgreSQL; None elsewhere), for a delivery that
+    # follows the scan before its verdict is written (pipeline.HeldVerdict).
+    pending: list[Recipient] | None
+
+
+def claim_scan(message_id: int) -> ScanClaim | None:
     """Claim the message for a scan (received or scan-deferred → scanning, one more attempt) and read it,
-    its raw bytes and its number of recipients, in one statement; None when it is not there to claim."""
+    its raw bytes, its number of recipients and (PostgreSQL) its pending recipients, in one statement;
+    None when it is not there to claim."""
     message_table, raw_table, recipient_table = (rowsql.table(m) for m in (Message, RawMessage, Recipient))
     message_id_column = f"{message_table}.{rowsql.column(Message, 'id')}"
     attempts = rowsql.column(Message, "attempts")
+    of_message = f"{rowsql.column(Recipient, 'message')} = {message_id_column}"
+    extra = [f"(SELECT {rowsql.column(RawMessage, 'data')} FROM {raw_table} "
+             f"WHERE {rowsql.column(RawMessage, 'message')} = {message_id_column})",
+             f"(SELECT COUNT(*) FROM {recipient_table} WHERE {of_message})"]
+    if rowsql.writes_in_one_statement():
+        columns = ", ".join(rowsql.column(Recipient, name) for name in PENDING_COLUMNS)
+        # The status is one of our own constants, written into the text (the statement stays the same), and
+        # checked the way state_is() does: found by the message, not through recipient_due's dead entries.
+        extra.append(f"(SELECT json_agg(json_build_array({columns}) ORDER BY {rowsql.column(Recipient, 'id')})::text "
+                     f"FROM {recipient_table} WHERE {of_message} "
+                     f"AND ({rowsql.column(Recipient, 'status')} = '{Recipient.Status.PENDING.value}') IS TRUE)")
     rows = rowsql.update_returning(
         Message,
         {"state": Message.State.SCANNING, "claimed_at": timezone.now(), "attempts": rowsql.Raw(f"{attempts} + 1")},
         f"{message_id_column} = %s AND {rowsql.state_is(Message, 'state', 2)}",
-        [message_id, Message.State.RECEIVED, Message.State.SCAN_DEFERRED],
-        extra=[f"(SELECT {rowsql.column(RawMessage, 'data')} FROM {raw_table} "
-               f"WHERE {rowsql.column(RawMessage, 'message')} = {message_id_column})",
-               f"(SELECT COUNT(*) FROM {recipient_table} "
-               f"WHERE {rowsql.column(Recipient, 'message')} = {message_id_column})"])
+        [message_id, Message.State.RECEIVED, Message.State.SCAN_DEFERRED], extra=extra)
     if not rows:
         return None
-    ((message, (raw, recipient_count)),) = rows
-    return message, bytes(raw or b""), int(recipient_count)
+    ((message, (raw, recipient_count, *pending)),) = rows
+    return ScanClaim(message, bytes(raw or b""), int(recipient_count),
+                     _pending_recipients(message, pending[0]) if pending else None)
+
+
+PENDING_COLUMNS = ("id", "address", "domain", "attempts", "released")
+
+
+def _pending_recipients(message: Message, listed: str | None) -> list[Recipient]:
+    """The claim's JSON list of pending recipients as instances (the other fields have their values of a
+    recipient not yet scanned: no verdict, action, reply or claim)."""
+    return [Recipient(message=message, status=Recipient.Status.PENDING, **dict(zip(PENDING_COLUMNS, row, strict=True)))
+            for row in json.loads(listed or "[]")]
 
 
 def run_scan(message_id: int) -> str:
     claimed = claim_scan(message_id)
     if claimed is None:
         return "taken" if Message.objects.filter(pk=message_id).exists() else "gone"
-    message, raw, recipient_count = claimed
+    message, raw, recipient_count, pending = claimed
     config = MailFlowSettings.cached()
     try:
         outcome = pipeline.scan(message, raw, config)
@@ -57,6 +87,12 @@ def run_scan(message_id: int) -> str:
         log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
         queue.enqueue_scan(message.pk, countdown=delay)
         return "deferred"
+    held = pipeline.hold_verdict(message, outcome, config, pending)
+    if held is not None:
+        # Delivered under the scan's claim, the verdict written with the delivery's outcome: one write
+        # fewer per message (pipeline.HeldVerdict).
+        delivery.deliver(message, raw, recipient_count=recipient_count, held=held)
+        return message.verdict
     applied = pipeline.apply_verdict(message, outcome, config)
     if applied is None:
         return "taken"  # the claim went stale and another worker scanned it meanwhile
