@@ -17,10 +17,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from . import dsn, mailbytes, queue, rowsql, signing
@@ -275,7 +275,7 @@ class DeliveryAttempt:
         """Write the held verdict, this pass's recipients claimed with it; False when the scan's claim was
         lost meanwhile (another worker has the message: this pass records nothing)."""
         held, self.held = self.held, None
-        if held.write() is None:
+        if _recorded(self.message, held.write) is None:
             self.lost = True
             log.warning("%s: the scan's claim was lost during its delivery; its outcome is not recorded",
                         self.message.queue_id)
@@ -507,9 +507,10 @@ class DeliveryAttempt:
             if completes and self.held is not None:
                 self.message_done = self._record_with_verdict(values, ids, now)
             elif completes:
-                self.message_done = self._record_with_final_state(values, where, params, len(ids), now)
+                self.message_done = _recorded(self.message, self._record_with_final_state, values, where, params,
+                                              len(ids), now)
             else:
-                rowsql.update(Recipient, values, where, params)
+                _recorded(self.message, rowsql.update, Recipient, values, where, params)
 
     def _record_with_final_state(self, values: dict, where: str, params: list, count: int, now) -> bool:
         """The outcome of every recipient of the message and the message's final state, the state only if
@@ -533,7 +534,7 @@ class DeliveryAttempt:
         True when all of it was written (or nothing, the claim being lost); False when some recipient was
         not recorded (no longer pending), so that _update_message reads them back."""
         held, self.held = self.held, None
-        written = held.write_delivered(values, ids, now)
+        written = _recorded(self.message, held.write_delivered, values, ids, now)
         if written is None:
             self.lost = True
             log.warning("%s: the scan's claim was lost during its delivery; its outcome is not recorded",
@@ -563,6 +564,25 @@ class DeliveryAttempt:
         if waiting is not None:
             delay = max(1.0, (waiting.next_attempt_at - timezone.now()).total_seconds())
             queue.enqueue_delivery(self.message.pk, countdown=delay)
+
+
+def _recorded(message: Message, write, *args) -> Any:
+    """A write that records what an SMTP transaction did, run again for a while (a quarter of
+    STALE_CLAIM_SECONDS) when the database does not answer: the mail went, and a delivery left unrecorded
+    is sent again once its claim is stale."""
+    deadline = time.monotonic() + settings.STALE_CLAIM_SECONDS / 4
+    delay = 0.5
+    while True:
+        try:
+            return write(*args)
+        except (OperationalError, InterfaceError) as exc:
+            if connection.in_atomic_block or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: recording its delivery failed (%s); trying again in %.1f s", message.queue_id,
+                        str(exc).strip() or exc.__class__.__name__, delay)
+            connection.close()  # the next attempt opens a new one
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def _state_from(statuses: list[str], current: str) -> str:

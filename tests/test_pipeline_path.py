@@ -134,6 +134,49 @@ def test_recipients_already_done_are_left_as_they_are(received, capture_server):
     assert [m.recipients for m in capture_server.messages] == [["carol@example.org"]]
 
 
+def test_a_delivery_is_recorded_once_the_database_answers_again(received, capture_server, monkeypatch, caplog):
+    """The database stops answering just after the SMTP transaction: the record of what went is written
+    again until it succeeds, so the mail is not sent a second time once its claim is stale."""
+    from django.db import OperationalError
+
+    from gateway import delivery, rowsql
+
+    monkeypatch.setattr(delivery.time, "sleep", lambda seconds: None)
+    failures = {"held": 1, "deferral": 1}
+    write_delivered, update = pipeline.HeldVerdict.write_delivered, rowsql.update
+
+    def down_once(kind):
+        if failures[kind]:
+            failures[kind] -= 1
+            raise OperationalError("server closed the connection unexpectedly")
+
+    def flaky_write_delivered(self, *args):
+        down_once("held")
+        return write_delivered(self, *args)
+
+    def flaky_update(model, values, *args, **kwargs):
+        if model is Recipient and values.get("status") == Recipient.Status.DEFERRED:
+            down_once("deferral")
+        return update(model, values, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.HeldVerdict, "write_delivered", flaky_write_delivered)
+    monkeypatch.setattr(rowsql, "update", flaky_update)
+    delivered = received()
+    tasks.run_scan(delivered.pk)
+    capture_server.handler.data_script.append("451 4.3.0 try later")
+    deferred = received()
+    tasks.run_scan(deferred.pk)
+    delivered.refresh_from_db()
+    deferred.refresh_from_db()
+    assert (delivered.state, delivered.recipients.get().status) == (Message.State.DELIVERED,
+                                                                     Recipient.Status.DELIVERED)
+    assert (deferred.state, deferred.recipients.get().status) == (Message.State.DELIVERING, Recipient.Status.DEFERRED)
+    assert failures["deferral"] == 0 and caplog.text.count("recording its delivery failed") >= 1
+    if connection.vendor == "postgresql":
+        assert failures["held"] == 0 and caplog.text.count("recording its delivery failed") == 2
+    assert len(capture_server.messages) == 1
+
+
 def test_a_message_is_scanned_once_and_a_missing_one_is_gone(received):
     msg = received()
     assert tasks.claim_scan(msg.pk) is not None
