@@ -251,6 +251,7 @@ class HeldVerdict:
     key: tuple[str, str, str]
     now: datetime.datetime
     recipients: list[Recipient]
+    tried: bool = False  # write() was called before
 
     def fresh(self) -> bool:
         """Whether the scan's claim is young enough to carry on under it (the sweeper hands claims older
@@ -259,7 +260,13 @@ class HeldVerdict:
         return (timezone.now() - claimed_at).total_seconds() < settings.STALE_CLAIM_SECONDS / 2
 
     def write(self) -> Applied | None:
-        """The verdict, its recipients claimed for this delivery; None when the scan's claim was lost."""
+        """The verdict, its recipients claimed for this delivery; None when the scan's claim was lost.
+
+        Called again after a connection lost mid-statement (delivery._recorded), it first looks whether the
+        earlier call was committed: the verdict's timestamp is this scan's own."""
+        if self.tried and Message.objects.filter(pk=self.message.pk, scanned_at=self.now).exists():
+            return Applied(True)
+        self.tried = True
         result = _in_one_statement(self.message, self.outcome, self.config, {self.key: None}, self.now)
         if result is not None:
             _log_verdict(self.message)

@@ -177,6 +177,37 @@ def test_a_delivery_is_recorded_once_the_database_answers_again(received, captur
     assert len(capture_server.messages) == 1
 
 
+def test_a_held_verdict_committed_before_the_connection_dropped_is_not_written_again(received, capture_server,
+                                                                                      monkeypatch):
+    """The verdict's statement was committed but its answer never came: the second try finds it written
+    (and does not take the message for one without pending recipients)."""
+    from django.db import OperationalError
+
+    from gateway import delivery
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the verdict is held back on PostgreSQL only")
+    monkeypatch.setattr(delivery.time, "sleep", lambda seconds: None)
+    in_one_statement, dropped = pipeline._in_one_statement, []
+
+    def answer_lost(*args):
+        result = in_one_statement(*args)
+        if not dropped:
+            dropped.append(result)
+            raise OperationalError("server closed the connection unexpectedly")
+        return result
+
+    monkeypatch.setattr(pipeline, "_in_one_statement", answer_lost)
+    capture_server.handler.data_script.append("451 4.3.0 try later")
+    msg = received()
+    tasks.run_scan(msg.pk)
+    msg.refresh_from_db()
+    (recipient,) = msg.recipients.all()
+    assert dropped and (msg.state, msg.verdict) == (Message.State.DELIVERING, Verdict.CLEAN)
+    assert (recipient.status, recipient.attempts, recipient.reply_code) == (Recipient.Status.DEFERRED, 1, 451)
+    assert msg.raw.data
+
+
 def test_a_message_is_scanned_once_and_a_missing_one_is_gone(received):
     msg = received()
     assert tasks.claim_scan(msg.pk) is not None
