@@ -276,11 +276,14 @@ class DeliveryAttempt:
         lost meanwhile (another worker has the message: this pass records nothing)."""
         held, self.held = self.held, None
         if _recorded(self.message, held.write) is None:
-            self.lost = True
-            log.warning("%s: the scan's claim was lost during its delivery; its outcome is not recorded",
-                        self.message.queue_id)
+            self._claim_lost()
             return False
         return True
+
+    def _claim_lost(self) -> None:
+        self.lost = True
+        log.warning("%s: the scan's claim was lost during its delivery; its outcome is not recorded",
+                    self.message.queue_id)
 
     def _send(self, destinations: tuple[Destination, ...], group: list[Recipient], data: bytes) -> None:
         code, text, permanent = 451, "4.4.1 no destination could be tried", False
@@ -536,9 +539,7 @@ class DeliveryAttempt:
         held, self.held = self.held, None
         written = _recorded(self.message, held.write_delivered, values, ids, now)
         if written is None:
-            self.lost = True
-            log.warning("%s: the scan's claim was lost during its delivery; its outcome is not recorded",
-                        self.message.queue_id)
+            self._claim_lost()
             return True
         return written == len(ids)
 
