@@ -1,8 +1,8 @@
 """The scan of one message: ClamAV, the attachment rules, SpamAssassin, then the allow/block lists,
 giving a verdict and an action for each recipient.
 
-`scan()` only asks the scanners; `apply_verdict()` writes the outcome in one transaction and hands
-what is to be delivered to the delivery task on commit.
+`scan()` only asks the scanners; `apply_verdict()` writes the outcome (and claims the recipients to
+deliver for the caller), or `hold_verdict()` keeps it to be written with the delivery's outcome.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ class HeldVerdict:
     first (`write`, the statement of apply_verdict, which claims the recipients under the timestamp they
     already carry), then records each outcome as usual. A worker that dies between the SMTP transaction
     and the write leaves the message claimed for its scan; the sweeper hands it back when the claim is
-    stale and it is scanned and delivered again, as a delivery whose outcome was not recorded is today.
+    stale and it is scanned and delivered again, as when a worker dies between a delivery and its record.
     """
 
     message: Message
