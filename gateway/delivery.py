@@ -26,7 +26,18 @@ from django.utils import timezone
 from . import dsn, mailbytes, queue, rowsql, signing
 from .auth.dmarc import strip_authentication_results
 from .auth.dns import TemporaryDNSError, get_sync_resolver
-from .models import Action, Domain, MailFlowSettings, Message, RawMessage, Recipient, Route, Verdict, parse_host_port
+from .models import (
+    Action,
+    Domain,
+    MailFlowSettings,
+    Message,
+    RawMessage,
+    Recipient,
+    Route,
+    Verdict,
+    far_from_stale,
+    parse_host_port,
+)
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -321,8 +332,8 @@ class DeliveryAttempt:
             return []
         fresh = timezone.now()
         held = group[0].claimed_at or self.now
-        if (fresh - held).total_seconds() < settings.STALE_CLAIM_SECONDS / 2:
-            return group  # far from stale: the sweeper cannot have handed it on yet
+        if far_from_stale(held, fresh):
+            return group  # the sweeper cannot have handed it on yet
         ids = [r.pk for r in group]
         Recipient.objects.filter(pk__in=ids, status=Recipient.Status.DELIVERING, claimed_at=held).update(
             claimed_at=fresh)

@@ -404,6 +404,13 @@ class Message(models.Model):
         return bool(changed)
 
 
+def far_from_stale(claimed_at, now=None) -> bool:
+    """Whether a claim taken at `claimed_at` is young enough to carry on under it: the sweeper hands
+    claims older than STALE_CLAIM_SECONDS to another worker, so work that reaches half of that renews its
+    claim first."""
+    return ((now or timezone.now()) - claimed_at).total_seconds() < settings.STALE_CLAIM_SECONDS / 2
+
+
 class Recipient(models.Model):
     """One envelope recipient of a message, with its own verdict and delivery status."""
 

@@ -20,7 +20,7 @@ from django.utils import timezone
 from quarantine.lists import list_decision, lists_are_empty
 
 from . import rowsql
-from .models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict
+from .models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict, far_from_stale
 from .scanners import attachments, clamav, spamassassin
 
 log = logging.getLogger(__name__)
@@ -254,10 +254,8 @@ class HeldVerdict:
     tried: bool = False  # write() was called before
 
     def fresh(self) -> bool:
-        """Whether the scan's claim is young enough to carry on under it (the sweeper hands claims older
-        than STALE_CLAIM_SECONDS to another worker)."""
-        claimed_at = self.message.claimed_at or self.now
-        return (timezone.now() - claimed_at).total_seconds() < settings.STALE_CLAIM_SECONDS / 2
+        """Whether the scan's claim is young enough to carry on under it."""
+        return far_from_stale(self.message.claimed_at or self.now)
 
     def write(self) -> Applied | None:
         """The verdict, its recipients claimed for this delivery; None when the scan's claim was lost.
