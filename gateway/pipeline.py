@@ -189,8 +189,7 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     if lists_are_empty():
         # No allow/block entry exists, so every pending recipient gets the scan's own verdict: one UPDATE
         # for all of them, without reading them (the path of nearly every message).
-        action = config.action_for(outcome.verdict)
-        groups: Groups = {(outcome.verdict, action, RECIPIENT_STATUS[action]): None}
+        groups: Groups = {_verdict_for_all(outcome, config): None}
     else:
         groups = _verdicts_after_lists(message, outcome, config)
     _outcome_to_message(message, outcome, groups, config, now)
@@ -201,6 +200,12 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     if result is not None:
         _log_verdict(message)
     return result
+
+
+def _verdict_for_all(outcome: ScanOutcome, config: MailFlowSettings) -> tuple[str, str, str]:
+    """(verdict, action, status) of every pending recipient when no list entry tells them apart."""
+    action = config.action_for(outcome.verdict)
+    return outcome.verdict, action, RECIPIENT_STATUS[action]
 
 
 def _log_verdict(message: Message) -> None:
@@ -216,8 +221,7 @@ def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSetting
     if not pending or not rowsql.writes_in_one_statement() or not lists_are_empty():
         return None
     now = timezone.now()
-    action = config.action_for(outcome.verdict)
-    key = (outcome.verdict, action, RECIPIENT_STATUS[action])
+    key = _verdict_for_all(outcome, config)
     if key[2] != Recipient.Status.PENDING:
         return None
     held = HeldVerdict(message, outcome, config, key, now, pending)
