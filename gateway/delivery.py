@@ -278,8 +278,6 @@ class DeliveryAttempt:
                 log.exception("delivery of %s failed unexpectedly", self.message.queue_id)
                 self._finish([r for r in group if r.status == Recipient.Status.DELIVERING], 451,
                              "4.3.0 local error while delivering")
-        if self.held is not None:
-            self._write_held()
         self._update_message()
 
     def _write_held(self) -> bool:
