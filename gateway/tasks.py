@@ -21,6 +21,9 @@ from .scanners import ScannerUnavailable, spamassassin
 log = logging.getLogger(__name__)
 
 
+PENDING_COLUMNS = ("id", "address", "domain", "attempts", "released")
+
+
 class ScanClaim(NamedTuple):
     message: Message
     raw: bytes
@@ -58,9 +61,6 @@ def claim_scan(message_id: int) -> ScanClaim | None:
     ((message, (raw, recipient_count, *pending)),) = rows
     return ScanClaim(message, bytes(raw or b""), int(recipient_count),
                      _pending_recipients(message, pending[0]) if pending else None)
-
-
-PENDING_COLUMNS = ("id", "address", "domain", "attempts", "released")
 
 
 def _pending_recipients(message: Message, listed: str | None) -> list[Recipient]:
