@@ -120,6 +120,10 @@ def test_spam_is_delivered_tagged(scanners, gateway_smtp, protected_domain, capt
     assert b"X-Spam-Flag: YES" in delivered.data
     msg.refresh_from_db()
     assert msg.verdict == "spam" and msg.action == "tag"
+    # The verdict and the delivery's outcome, written together (pipeline.HeldVerdict), reach both rows.
+    recipient = msg.recipients.get()
+    assert msg.state == Message.State.DELIVERED and msg.spam_score is not None and msg.spam_rules
+    assert (recipient.verdict, recipient.action, recipient.status) == ("spam", "tag", Recipient.Status.DELIVERED)
 
 
 def test_scanner_down_defers_the_scan_and_delivers_once_it_is_back(scanners, gateway_smtp, protected_domain,
