@@ -581,18 +581,19 @@ def _recorded(message: Message, write, *args) -> Any:
     STALE_CLAIM_SECONDS) when the database does not answer: the mail went, and a delivery left unrecorded
     is sent again once its claim is stale."""
     deadline = time.monotonic() + settings.STALE_CLAIM_SECONDS / 4
-    delay = 0.5
+    attempt = 0
     while True:
         try:
             return write(*args)
         except (OperationalError, InterfaceError) as exc:
+            attempt += 1
+            delay = backoff(attempt, 1, 30)
             if connection.in_atomic_block or time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s: recording its delivery failed (%s); trying again in %.1f s", message.queue_id,
+            log.warning("%s: recording its delivery failed (%s); trying again in %s s", message.queue_id,
                         str(exc).strip() or exc.__class__.__name__, delay)
             connection.close()  # the next attempt opens a new one
             time.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
 
 def _state_from(statuses: list[str], current: str) -> str:
