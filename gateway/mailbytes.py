@@ -31,3 +31,17 @@ def dot_stuffed(data: bytes) -> bytes:
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"
+
+
+def first_received(added_headers: str) -> bytes:
+    """The Received field at the head of the headers we add to a message (our own trace, RFC 5321 §4.4),
+    folded lines and all, with CRLF line ends; b"" when they do not start with one."""
+    lines = added_headers.replace("\r\n", "\n").split("\n")
+    if not lines[0].lower().startswith("received:"):
+        return b""
+    field = [lines[0]]
+    for line in lines[1:]:
+        if line[:1] not in (" ", "\t"):
+            break
+        field.append(line)
+    return ("\r\n".join(field) + "\r\n").encode("utf-8", "replace")

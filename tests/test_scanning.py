@@ -2,11 +2,14 @@
 server as the organisation's mail server."""
 
 import pytest
+from django.utils import timezone
 
-from gateway import tasks
-from gateway.models import Message, Recipient
+from gateway import pipeline, tasks
+from gateway.mailbytes import first_received
+from gateway.models import MailFlowSettings, Message, Recipient
 from gateway.scanners import clamav, spamassassin
 from gateway.scanners.spamassassin import parse_report
+from gateway.smtp.intake import Envelope, received_header
 from tests.conftest import read_mail
 from tests.mail import GTUBE_PATH, MZ_PROGRAM, eicar, message, zipped
 
@@ -50,6 +53,35 @@ def test_spamd_scores_gtube_and_ham(scanners, corpus):
     assert "GTUBE" in [r["name"] for r in gtube.rules]
     ham = spamassassin.check(message(body="Minutes of today's meeting are attached below.\n"))
     assert ham.score < 5
+
+
+def test_first_received_takes_our_trace_field_only():
+    added = ("Received: from mail.sender.example (mail.sender.example [192.0.2.7])\r\n"
+             "\tby mx.example.org (Mailgate) with ESMTP id 0A1B2C3D4E5F;\r\n"
+             "\tTue, 01 Dec 2026 10:00:01 +0000\r\n"
+             "Received-SPF: pass (mx.example.org: 192.0.2.7 is permitted) client-ip=192.0.2.7;\r\n"
+             "Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=sender.example\r\n")
+    assert first_received(added) == (b"Received: from mail.sender.example (mail.sender.example [192.0.2.7])\r\n"
+                                     b"\tby mx.example.org (Mailgate) with ESMTP id 0A1B2C3D4E5F;\r\n"
+                                     b"\tTue, 01 Dec 2026 10:00:01 +0000\r\n")
+    assert first_received(added.replace("\r\n", "\n")) == first_received(added)
+    assert first_received("Received-SPF: pass client-ip=192.0.2.7;\r\n") == b""
+    assert first_received("") == b""
+
+
+@pytest.mark.parametrize(("client_name", "rdns_none"), [("", True), ("mail.sender.example", False)])
+def test_spamassassin_sees_the_connecting_client_in_our_received_field(scanners, db, client_name, rdns_none):
+    # A client outside every trusted network: SpamAssassin judges the relay it connected from, as named in
+    # the Received field our SMTP server wrote, the field that leads the message spamd is given.
+    envelope = Envelope(client_ip="203.0.113.9", client_name=client_name, helo="mail.sender.example",
+                        sender="alice@sender.example", recipients=["bob@example.org"], mail_options=[])
+    msg = Message(queue_id="0A1B2C3D4E5F", client_ip=envelope.client_ip, client_name=client_name,
+                  added_headers=received_header(envelope, "0A1B2C3D4E5F", timezone.now()))
+    raw = message(body="Minutes of today's meeting are attached below.\n")
+    assert pipeline.spamd_input(msg, raw).startswith(b"Received: from mail.sender.example (")
+    rules = [r["name"] for r in pipeline.scan(msg, raw, MailFlowSettings.cached()).spam_rules]
+    assert ("RDNS_NONE" in rules) is rdns_none, rules
+    assert "NO_RECEIVED" not in rules and "NO_RELAYS" not in rules
 
 
 def test_clamd_finds_eicar_in_an_attachment_and_in_a_zip(scanners):
