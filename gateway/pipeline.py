@@ -72,7 +72,7 @@ def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
             outcome.notes.append(f"spam scan skipped: the message is larger than {settings.SPAMD_MAX_SIZE} bytes")
         else:
             started = time.monotonic()
-            spam = spamassassin.check(spamd_input(message, raw))
+            spam = spamassassin.check(spamd_input(message.added_headers, raw))
             outcome.spam_score, outcome.spam_rules = spam.score, spam.rules
             outcome.spam_threshold = config.spam_threshold
             outcome.timings["spamassassin"] = round(time.monotonic() - started, 4)
@@ -96,14 +96,14 @@ def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
     return outcome
 
 
-def spamd_input(message: Message, raw: bytes) -> bytes:
+def spamd_input(added_headers: str, raw: bytes) -> bytes:
     """The message as SpamAssassin should see it: with our Received field in front, as an MTA hands it
     to a content filter. Without it SpamAssassin cannot tell the connecting client (its address, reverse
     name and HELO): the rules on the last untrusted relay (RDNS_NONE, the HELO rules; with network tests
     on, the RCVD_IN_* blocklists) judge whatever relays the sender wrote into the message instead, and
     Bayes never learns the sending host. Only that field: the Received-SPF and Authentication-Results we
     add report the SMTP-time checks, which add to the score on their own (docs/smtp-policy.md)."""
-    return first_received(message.added_headers) + raw
+    return first_received(added_headers) + raw
 
 
 def recipient_verdict(message: Message, recipient: Recipient, verdict: str) -> tuple[str, str]:

@@ -123,12 +123,12 @@ def deliver_message(message_id: int) -> None:
 @shared_task(ignore_result=True, autoretry_for=(ScannerUnavailable,), retry_backoff=30, retry_backoff_max=900,
              retry_jitter=True, max_retries=20)
 def learn_message(message_id: int, as_spam: bool) -> None:
-    message = Message.objects.filter(pk=message_id).only("added_headers").first()
-    raw = RawMessage.objects.filter(message_id=message_id).values_list("data", flat=True).first()
-    if message is None or raw is None or not spamassassin.configured():
+    stored = RawMessage.objects.filter(message_id=message_id).values_list("data", "message__added_headers").first()
+    if stored is None or not spamassassin.configured():
         return
+    raw, added_headers = stored
     # Learnt as it was scanned: the connecting client's relay is among the tokens Bayes keeps.
-    spamassassin.tell(pipeline.spamd_input(message, bytes(raw)), as_spam=as_spam)
+    spamassassin.tell(pipeline.spamd_input(added_headers, bytes(raw)), as_spam=as_spam)
 
 
 def due_work(now=None, *, received_grace: float = 120) -> tuple[list[int], list[int]]:

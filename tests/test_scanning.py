@@ -1,17 +1,20 @@
 """The scan with the real scanners (clamd, spamd) through our SMTP server, eager tasks, and a capture
 server as the organisation's mail server."""
 
+import uuid
+
 import pytest
 from django.utils import timezone
 
 from gateway import pipeline, tasks
 from gateway.mailbytes import first_received
-from gateway.models import MailFlowSettings, Message, Recipient
+from gateway.models import MailFlowSettings, Message, RawMessage, Recipient
 from gateway.scanners import clamav, spamassassin
 from gateway.scanners.spamassassin import parse_report
 from gateway.smtp.intake import Envelope, received_header
 from tests.conftest import read_mail
 from tests.mail import GTUBE_PATH, MZ_PROGRAM, eicar, message, zipped
+from tests.test_services import spamc
 
 
 @pytest.fixture
@@ -78,10 +81,23 @@ def test_spamassassin_sees_the_connecting_client_in_our_received_field(scanners,
     msg = Message(queue_id="0A1B2C3D4E5F", client_ip=envelope.client_ip, client_name=client_name,
                   added_headers=received_header(envelope, "0A1B2C3D4E5F", timezone.now()))
     raw = message(body="Minutes of today's meeting are attached below.\n")
-    assert pipeline.spamd_input(msg, raw).startswith(b"Received: from mail.sender.example (")
+    assert pipeline.spamd_input(msg.added_headers, raw).startswith(b"Received: from mail.sender.example (")
     rules = [r["name"] for r in pipeline.scan(msg, raw, MailFlowSettings.cached()).spam_rules]
     assert ("RDNS_NONE" in rules) is rdns_none, rules
     assert "NO_RECEIVED" not in rules and "NO_RELAYS" not in rules
+
+
+def test_learning_teaches_spamd_the_message_as_it_was_scanned(scanners, spamd, gateway_smtp, protected_domain,
+                                                              capture_server):
+    msg = send(gateway_smtp, message(subject=f"Cheap watches {uuid.uuid4().hex}",
+                                     body="Buy cheap replica watches now, limited offer!\n"))
+    tasks.learn_message(msg.pk, True)
+    scanned = pipeline.spamd_input(msg.added_headers, bytes(RawMessage.objects.get(message=msg).data))
+    assert scanned.startswith(b"Received: ")
+    # Forgotten again (the shared Bayes database keeps only what tests mean to teach it): spamd removes it,
+    # so the TELL of learn_message had set it.
+    status, headers, _ = spamc(spamd, "TELL", scanned, Message_class="spam", Remove="local")
+    assert status.endswith(b" 0 EX_OK") and headers.get("didremove") == "local", (status, headers)
 
 
 def test_clamd_finds_eicar_in_an_attachment_and_in_a_zip(scanners):
