@@ -148,6 +148,31 @@ def test_postgresql_writer_stores_a_batch_in_one_statement(settings):
     check_stored(stored, recipients=3)
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+@pytest.mark.django_db(transaction=True)
+def test_postgresql_writer_prepares_its_statement_unless_told_not_to(settings, prepared):
+    """Prepared once per connection (parsing and planning the statement for every batch cost more than
+    running it); not with DB_PREPARED_STATEMENTS off, for a pooler that cannot keep prepared statements.
+    The raw bytes, sent in binary, come back byte for byte, every byte value included."""
+    require_postgres()
+    settings.NODE_NAME = "test"
+    settings.DB_PREPARED_STATEMENTS = prepared
+    raw = message(1) + bytes(range(256)) + b"\r\n"
+
+    async def main():
+        writer = PostgresIntakeWriter(run_sync)
+        stored = [await writer.store(envelope(n), raw) for n in range(3)]
+        cursor = await writer._connection.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE 'WITH d AS %%'")
+        (count,) = await cursor.fetchone()
+        await writer.close()
+        return stored, count
+
+    stored, count = asyncio.run(main())
+    assert count == (1 if prepared else 0)
+    assert [bytes(RawMessage.objects.get(message_id=s.id).data) for s in stored] == [raw] * 3
+
+
 @pytest.mark.django_db(transaction=True)
 def test_orm_writer_stores_a_batch_in_one_transaction(settings):
     settings.NODE_NAME = "test"

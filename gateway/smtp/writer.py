@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import psycopg
+from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
 from gateway import queue, rowsql
@@ -155,20 +156,26 @@ class PostgresIntakeWriter(IntakeWriter):
             params.pop(key, None)
         params.setdefault("connect_timeout", 10)
         params.setdefault("application_name", "mailgate smtp intake")  # to be found in pg_stat_activity
+        # Django turns prepared statements off (prepare_threshold None); this connection's one statement is
+        # prepared on its first use (prepare=True below), as the worker's are (rowsql._cursor): parsing and
+        # planning it anew was a third of PostgreSQL's CPU for a message written alone.
+        # DB_PREPARED_STATEMENTS = False (a transaction-mode pooler) keeps it unprepared.
+        params["prepare_threshold"] = 2**31 if getattr(settings, "DB_PREPARED_STATEMENTS", True) else None
         self._connection = await psycopg.AsyncConnection.connect(autocommit=True, **params)
         return self._connection
 
     async def _write_batch(self, items: list[tuple[Envelope, bytes]]) -> list[Stored]:
         built = [new_message(envelope, data) for envelope, data in items]
         # The rows go as one JSON document (PostgreSQL types each column from the table's row type; far
-        # cheaper to send than an array per column), the raw bytes as one bytea[].
+        # cheaper to send than an array per column), the raw bytes as one bytea[] in binary (%b: as text,
+        # every byte would be written and parsed again as two hex digits).
         document = json.dumps([{**message, "recipients": recipients} for message, recipients in built],
                               ensure_ascii=False, separators=(",", ":"), default=_json_value)
         params = (document, [message["queue_id"] for message, _ in built], [data for _, data in items])
         try:
             connection = await self._connect()
             try:
-                cursor = await connection.execute(self._statement(), params)
+                cursor = await connection.execute(self._statement(), params, prepare=True)
                 rows = await cursor.fetchall()
             except Exception:
                 if connection.broken or connection.closed:
@@ -196,7 +203,7 @@ class PostgresIntakeWriter(IntakeWriter):
                 f"m AS (INSERT INTO {message} ({columns(Message)}) SELECT {columns(Message, 'u.')} "
                 f"FROM jsonb_populate_recordset(NULL::{message}, (SELECT doc FROM d)) u RETURNING id, queue_id), "
                 f"r AS (INSERT INTO {raw} (message_id, data) SELECT m.id, u.data "
-                "FROM unnest(%s::varchar[], %s::bytea[]) AS u(queue_id, data) JOIN m USING (queue_id)), "
+                "FROM unnest(%s::varchar[], %b::bytea[]) AS u(queue_id, data) JOIN m USING (queue_id)), "
                 f"t AS (INSERT INTO {recipient} (message_id, {columns(Recipient)}) "
                 f"SELECT m.id, {columns(Recipient, 'u.')} FROM jsonb_array_elements((SELECT doc FROM d)) e "
                 "JOIN m ON m.queue_id = e->>'queue_id' "
