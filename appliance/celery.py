@@ -80,5 +80,9 @@ def worker_commits_asynchronously() -> None:
 
 @signals.worker_init.connect
 def _worker_init(**kwargs) -> None:
+    from appliance.scheduling import schedule_mail_path
+
+    # In the main thread, before the pool's threads (or processes) exist: they inherit it.
+    schedule_mail_path("celery worker")
     worker_commits_asynchronously()
 

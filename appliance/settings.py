@@ -191,6 +191,9 @@ if CELERY_BROKER_URL.startswith("redis://"):
 # PostgreSQL backend per task. Connections are kept instead; appliance/celery.py still drops old or
 # broken ones before each task (CONN_MAX_AGE, CONN_HEALTH_CHECKS).
 CELERY_DB_REUSE_MAX = envint("CELERY_DB_REUSE_MAX", "1000000")
+# The SMTP server's and the workers' threads run under SCHED_BATCH: they do not preempt the scanners
+# when they wake up (appliance/scheduling.py).
+MAIL_SCHED_BATCH = envbool("MAIL_SCHED_BATCH", "True")
 # The Celery worker's (and runworker's) commits do not wait for the disk flush; the SMTP server's do.
 WORKER_SYNCHRONOUS_COMMIT = envbool("WORKER_SYNCHRONOUS_COMMIT", "False")
 # The few UPDATEs every message takes (gateway/rowsql.py) run as server-side prepared statements on

@@ -19,6 +19,7 @@ from gateway.models import MailFlowSettings, Message, Recipient
 from tests.conftest import free_port, read_mail
 from tests.mail import GTUBE_PATH, MZ_PROGRAM, eicar, message, zipped
 from tests.services import in_ci
+from tests.test_scheduling import thread_policies
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.services
@@ -198,6 +199,10 @@ def test_the_whole_flow(appliance, capture_server, corpus):
     assert b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X" in released.data
     gtube.refresh_from_db()
     assert gtube.state == "released" and gtube.attempts == 1
+
+    # Every thread of the SMTP server and of the worker (its pool's included) runs under SCHED_BATCH.
+    for name in ("smtp", "worker"):
+        assert thread_policies(appliance.processes[name].pid) == {os.SCHED_BATCH}, name
 
 
 def test_downstream_451_is_retried_and_delivered_once_and_550_gives_a_dsn(appliance, capture_server):

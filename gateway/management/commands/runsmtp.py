@@ -4,6 +4,7 @@ import logging
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from appliance.scheduling import schedule_mail_path
 from gateway.models import parse_host_port
 from gateway.smtp.server import serve
 
@@ -35,6 +36,7 @@ class Command(BaseCommand):
         submission_address = self._address("--submission", submission, 587)
         smtps_address = self._address("--smtps", smtps, 465)
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every line at INFO
+        schedule_mail_path("runsmtp")  # before the event loop and its threads exist: they inherit it
         if uvloop:
             try:
                 import uvloop as uv

@@ -34,7 +34,9 @@ class Command(BaseCommand):
         if settings.CELERY_BROKER_URL:
             self.stderr.write("CELERY_BROKER_URL is set: run `celery -A appliance worker -B` instead")
         from appliance.celery import worker_commits_asynchronously
+        from appliance.scheduling import schedule_mail_path
 
+        schedule_mail_path("runworker")  # before the pool's threads exist: they inherit it
         worker_commits_asynchronously()
         stopping = []
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
