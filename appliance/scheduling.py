@@ -36,7 +36,7 @@ def batch_policy_available() -> bool:
 def schedule_mail_path(process: str) -> bool:
     """Put the calling thread (and what it starts from now on) under SCHED_BATCH unless MAIL_SCHED_BATCH
     is off; True when it is under it. `process` names the process in the log line of a failure."""
-    if not getattr(settings, "MAIL_SCHED_BATCH", True) or not batch_policy_available():
+    if not settings.MAIL_SCHED_BATCH or not batch_policy_available():
         return False
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))

@@ -33,15 +33,22 @@ def dot_stuffed(data: bytes) -> bytes:
     return data + b".\r\n"
 
 
+def header_fields(head: bytes, newline: bytes = b"\r\n") -> list[list[bytes]]:
+    """The fields of a header section, each as its lines (a folded field has several: RFC 5322 §2.2.3)."""
+    fields: list[list[bytes]] = []
+    for line in head.split(newline):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    return fields
+
+
 def first_received(added_headers: str) -> bytes:
     """The Received field at the head of the headers we add to a message (our own trace, RFC 5321 §4.4),
     folded lines and all, with CRLF line ends; b"" when they do not start with one."""
-    lines = added_headers.replace("\r\n", "\n").split("\n")
-    if not lines[0].lower().startswith("received:"):
+    head = added_headers.encode("utf-8", "replace").replace(b"\r\n", b"\n")
+    first = header_fields(head, b"\n")[0]
+    if not first[0].lower().startswith(b"received:"):
         return b""
-    field = [lines[0]]
-    for line in lines[1:]:
-        if line[:1] not in (" ", "\t"):
-            break
-        field.append(line)
-    return ("\r\n".join(field) + "\r\n").encode("utf-8", "replace")
+    return b"\r\n".join(first) + b"\r\n"

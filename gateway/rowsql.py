@@ -101,6 +101,16 @@ class Raw:
         self.sql, self.params = sql, list(params)
 
 
+# psycopg's prepare_threshold for a connection whose chosen statements are prepared (execute(...,
+# prepare=True)) and whose others never are: Django's own (None) turns preparing off altogether.
+PREPARE_WHEN_ASKED = 2**31
+
+
+def prepares_statements() -> bool:
+    """Whether the mail path's statements are sent as prepared statements (DB_PREPARED_STATEMENTS)."""
+    return settings.DB_PREPARED_STATEMENTS
+
+
 def _cursor(using: str):
     """A cursor for these statements: on PostgreSQL (psycopg 3) one that sends them as server-side
     prepared statements, elsewhere the connection's usual cursor.
@@ -114,8 +124,7 @@ def _cursor(using: str):
     Django logs a statement's text from the client-side binding only.
     """
     connection = connections[using]
-    if (connection.vendor != "postgresql" or not getattr(settings, "DB_PREPARED_STATEMENTS", True)
-            or connection.queries_logged):
+    if connection.vendor != "postgresql" or not prepares_statements() or connection.queries_logged:
         return connection.cursor()
     cursor_class = _prepared_cursor_class()
     if cursor_class is None:  # psycopg 2: no server-side binding
@@ -129,7 +138,7 @@ def _cursor(using: str):
         raw = connection.connection
         if raw.prepare_threshold is None:
             # Statements are prepared only when asked (prepare=True, below): the others never reach this.
-            raw.prepare_threshold = 2**31
+            raw.prepare_threshold = PREPARE_WHEN_ASKED
         cursor = cursor_class(raw)
     return connection.make_cursor(cursor)
 

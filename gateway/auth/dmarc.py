@@ -41,6 +41,7 @@ from functools import lru_cache
 from typing import Any, Protocol
 
 from gateway.auth.dns import Resolver, SyncResolver, TemporaryDNSError, get_sync_resolver
+from gateway.mailbytes import header_fields
 
 __all__ = [
     "DMARCRecord",
@@ -377,15 +378,8 @@ def strip_authentication_results(message: bytes, authserv_id: str) -> bytes:
     head, separator, body = message.partition(newline + newline)
     if not separator:
         head, body = message, b""
-    lines = head.split(newline)
-    fields: list[list[bytes]] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1].append(line)
-        else:
-            fields.append([line])
     kept = []
-    for lines_of_field in fields:
+    for lines_of_field in header_fields(head, newline):
         match = _FIELD_NAME.match(lines_of_field[0])
         if match and match.group(1).lower() == b"authentication-results":
             value = b" ".join(line.strip() for line in lines_of_field)[match.end():]

@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import psycopg
-from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
 from gateway import queue, rowsql
@@ -160,7 +159,7 @@ class PostgresIntakeWriter(IntakeWriter):
         # prepared on its first use (prepare=True below), as the worker's are (rowsql._cursor): parsing and
         # planning it anew was a third of PostgreSQL's CPU for a message written alone.
         # DB_PREPARED_STATEMENTS = False (a transaction-mode pooler) keeps it unprepared.
-        params["prepare_threshold"] = 2**31 if getattr(settings, "DB_PREPARED_STATEMENTS", True) else None
+        params["prepare_threshold"] = rowsql.PREPARE_WHEN_ASKED if rowsql.prepares_statements() else None
         self._connection = await psycopg.AsyncConnection.connect(autocommit=True, **params)
         return self._connection
 
