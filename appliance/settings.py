@@ -86,6 +86,7 @@ INSTALLED_APPS = [
     "gateway",
     "quarantine",
     "reports",
+    "console",
 ]
 
 MIDDLEWARE = [
@@ -111,7 +112,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "gateway.context_processors.scanner_status",
+                "console.context_processors.scanner_status",
             ],
         },
     },
@@ -196,7 +197,7 @@ CELERY_DB_REUSE_MAX = envint("CELERY_DB_REUSE_MAX", "1000000")
 MAIL_SCHED_BATCH = envbool("MAIL_SCHED_BATCH", "True")
 # The Celery worker's (and runworker's) commits do not wait for the disk flush; the SMTP server's do.
 WORKER_SYNCHRONOUS_COMMIT = envbool("WORKER_SYNCHRONOUS_COMMIT", "False")
-# The few UPDATEs every message takes (gateway/rowsql.py) run as server-side prepared statements on
+# The few UPDATEs every message takes (gateway/db/) run as server-side prepared statements on
 # PostgreSQL; off for a transaction-mode connection pooler that cannot keep prepared statements.
 DB_PREPARED_STATEMENTS = envbool("DB_PREPARED_STATEMENTS", "True")
 CELERY_BEAT_SCHEDULE = {

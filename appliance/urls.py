@@ -1,10 +1,15 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path
+
+from console.login import LoginView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("login/", LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("quarantine/", include("quarantine.urls")),
-    path("manage/", include("gateway.urls", namespace="manage")),
-    # Last: it holds the site root (the dashboard) and the login.
+    path("manage/", include("console.urls", namespace="manage")),
+    # Last: it holds the site root (the dashboard).
     path("", include("reports.urls")),
 ]

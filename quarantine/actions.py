@@ -8,20 +8,15 @@ from django.core.validators import validate_email
 from django.db import transaction
 from django.utils import timezone
 
-from gateway import queue
-from gateway.models import Message, Recipient, Verdict, record_audit, role_of
+from gateway.access import may_release_virus
+from gateway.dispatch import enqueue
+from gateway.models import ACTIVE_RECIPIENT_STATUSES, Message, RawMessage, Recipient, Verdict, record_audit
+from gateway.scan.run import learn
 
 
 def may_release(message: Message, user) -> bool:
     """Viruses are released by administrators only (unless the settings allow domain admins)."""
-    from django.conf import settings
-
-    if message.verdict != Verdict.VIRUS:
-        return True
-    if user is None:
-        return True  # the command line: the machine's administrator
-    role = role_of(user)
-    return role == "admin" or (role == "domain_admin" and settings.DOMAIN_ADMINS_RELEASE_VIRUSES)
+    return message.verdict != Verdict.VIRUS or may_release_virus(user)
 
 
 @transaction.atomic
@@ -67,7 +62,7 @@ def release_message(message: Message, *, by=None, ip: str | None = None, recipie
                                                     claimed_at=now)
         message.state, message.quarantined = Message.State.RELEASED, False
     record_audit("release", user=by, ip=ip, message=message, recipients=released)
-    queue.enqueue_delivery(message.pk)
+    enqueue.delivery(message.pk)
     return True
 
 
@@ -77,9 +72,6 @@ def delete_message(message: Message, *, by=None, ip: str | None = None) -> bool:
     if not message.claim([Message.State.QUARANTINED], Message.State.DELETED, quarantined=False):
         return False
     message.recipients.filter(status=Recipient.Status.QUARANTINED).update(status=Recipient.Status.DELETED)
-    from gateway.models import RawMessage
-    from gateway.tasks import ACTIVE_RECIPIENT_STATUSES
-
     if message.recipients.filter(status__in=ACTIVE_RECIPIENT_STATUSES).exists():
         # Other recipients' copies are still on their way: they keep the bytes, the message stays in delivery.
         Message.objects.filter(pk=message.pk).update(state=Message.State.DELIVERING)
@@ -96,10 +88,8 @@ def learn_message(message: Message, *, as_spam: bool, by=None, ip: str | None = 
         raise ValidationError("the original of this message is no longer stored")
     with transaction.atomic():
         record_audit("learn_spam" if as_spam else "learn_ham", user=by, ip=ip, message=message)
-        if queue.tasks_are_sent():
-            queue.enqueue_learn(message.pk, as_spam)
+        if enqueue.tasks_are_sent():
+            enqueue.learn(message.pk, as_spam)
             return
     # No task queue (the embedded single-machine mode): tell spamd now.
-    from gateway.tasks import learn_message as learn_task
-
-    learn_task.run(message.pk, as_spam)
+    learn(message.pk, as_spam)

@@ -1,60 +1,25 @@
-"""Forms of the quarantine pages: the filter, the release options, the allow and block lists, bulk actions."""
+"""Forms of the quarantine pages: the filter, the release options, the allow and block lists, bulk actions.
+Who may do what is decided in quarantine.selection and gateway.access; these forms offer only that."""
 
 from __future__ import annotations
-
-from datetime import datetime, time, timedelta
 
 from django import forms
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db.models import Exists, OuterRef, Q, QuerySet
-from django.utils import timezone
+from django.db.models import QuerySet
 
-from gateway.forms import Role, address_domain, domains_of
-from gateway.models import Domain, Message, Recipient, Verdict, role_of
+from gateway.access import Role, address_domain, domains_of, may_release_to, role_of
+from gateway.models import Domain, Message, Recipient, SenderListEntry, Verdict, validate_sender_pattern
 
-from .models import BulkJob, SenderListEntry, validate_sender_pattern
-
-# --- Who may do what to which quarantined message ------------------------------------------------------
-
-
-def quarantine_of(user) -> QuerySet[Message]:
-    """The quarantined messages this user may see: always through the one scoping function."""
-    return Message.objects.visible_to(user).filter(state=Message.State.QUARANTINED)
-
-
-def held_recipients_for(message: Message, user) -> list[str]:
-    """The held recipients of `message` that this user may release (or delete) the message for.
-
-    Seeing a message is not enough to send it on: a user sees mail *from* their addresses too, and a
-    domain administrator mail from their domains, and neither may push someone else's quarantined mail
-    into another organisation's mailboxes. So: administrators all; domain administrators the recipients
-    in their domains; users their own addresses.
-    """
-    held = message.recipients.filter(status=Recipient.Status.QUARANTINED).order_by("id")
-    role = role_of(user)
-    if role == Role.ADMIN:
-        pass
-    elif role == Role.DOMAIN_ADMIN:
-        held = held.filter(domain__in=domains_of(user))
-    elif role == Role.USER:
-        held = held.filter(address__in=user.mail_profile.all_addresses())
-    else:
-        return []
-    return list(held.values_list("address", flat=True))
-
-
-def may_release_to(user, address: str) -> bool:
-    """Whether this user may send quarantined mail to an address that is not one of its recipients."""
-    role = role_of(user)
-    if role == Role.ADMIN:
-        return True
-    if role == Role.DOMAIN_ADMIN:
-        return address_domain(address) in domains_of(user)
-    if role == Role.USER:
-        return address.lower() in user.mail_profile.all_addresses()
-    return False
-
+from .models import BulkJob
+from .selection import (
+    MAX_ADDRESS,
+    MAX_SUBJECT,
+    QuarantineFilter,
+    held_recipients_for,
+    list_domains_for,
+    list_scopes_for,
+)
 
 # --- The quarantine filter -----------------------------------------------------------------------------
 
@@ -63,11 +28,11 @@ class QuarantineFilterForm(forms.Form):
     """What the quarantine list and a bulk action on 'all that match' select. Empty fields select all."""
 
     verdict = forms.ChoiceField(choices=[("", "Any verdict"), *Verdict.choices], required=False)
-    sender = forms.CharField(required=False, max_length=320,
+    sender = forms.CharField(required=False, max_length=MAX_ADDRESS,
                              widget=forms.TextInput(attrs={"placeholder": "sender contains"}))
-    recipient = forms.CharField(required=False, max_length=320,
+    recipient = forms.CharField(required=False, max_length=MAX_ADDRESS,
                                 widget=forms.TextInput(attrs={"placeholder": "recipient contains"}))
-    subject = forms.CharField(required=False, max_length=200,
+    subject = forms.CharField(required=False, max_length=MAX_SUBJECT,
                               widget=forms.TextInput(attrs={"placeholder": "subject contains"}))
     date_from = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
     date_to = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}),
@@ -81,38 +46,20 @@ class QuarantineFilterForm(forms.Form):
             self.add_error("date_to", "The end date is before the start date.")
         return data
 
-    def apply(self, qs: QuerySet[Message]) -> QuerySet[Message]:
+    def selection(self) -> QuarantineFilter:
         data = self.cleaned_data
-        if data.get("verdict"):
-            qs = qs.filter(verdict=data["verdict"])
-        if data.get("sender"):
-            qs = qs.filter(envelope_sender__icontains=data["sender"].strip())
-        if data.get("recipient"):
-            # EXISTS rather than a join: a message with two matching recipients is listed once.
-            qs = qs.filter(Exists(Recipient.objects.filter(message=OuterRef("pk"),
-                                                           address__icontains=data["recipient"].strip())))
-        if data.get("subject"):
-            qs = qs.filter(subject__icontains=data["subject"].strip())
-        zone = timezone.get_current_timezone()
-        if data.get("date_from"):
-            qs = qs.filter(received_at__gte=datetime.combine(data["date_from"], time.min, zone))
-        if data.get("date_to"):
-            qs = qs.filter(received_at__lt=datetime.combine(data["date_to"] + timedelta(days=1), time.min, zone))
-        return qs
+        return QuarantineFilter(verdict=data.get("verdict") or "", sender=data.get("sender") or "",
+                                recipient=data.get("recipient") or "", subject=data.get("subject") or "",
+                                date_from=data.get("date_from"), date_to=data.get("date_to"))
+
+    def apply(self, qs: QuerySet[Message]) -> QuerySet[Message]:
+        return self.selection().apply(qs)
 
     def as_query(self) -> dict[str, str]:
         """The filter as plain strings: stored with a bulk job, put back into links."""
         if not self.is_bound or not self.is_valid():
             return {}
-        return {name: str(self.cleaned_data[name]) for name in self.FIELDS if self.cleaned_data.get(name)}
-
-
-def filtered_quarantine(user, filters: dict) -> QuerySet[Message]:
-    """The user's quarantine narrowed by a stored filter; an invalid filter selects nothing, never everything."""
-    form = QuarantineFilterForm(filters)
-    if not form.is_valid():
-        return Message.objects.none()
-    return form.apply(quarantine_of(user))
+        return self.selection().as_query()
 
 
 # --- Release options -----------------------------------------------------------------------------------
@@ -171,41 +118,6 @@ class ReleaseForm(forms.Form):
 
 
 # --- Allow and block lists -----------------------------------------------------------------------------
-
-
-def list_scopes_for(user) -> list[tuple[str, str]]:
-    role = role_of(user)
-    if role == Role.ADMIN:
-        return [(SenderListEntry.Scope.GLOBAL, "Everyone (global)"), (SenderListEntry.Scope.DOMAIN, "A domain"),
-                (SenderListEntry.Scope.USER, "Only me")]
-    if role == Role.DOMAIN_ADMIN:
-        return [(SenderListEntry.Scope.DOMAIN, "A domain of mine"), (SenderListEntry.Scope.USER, "Only me")]
-    if role == Role.USER:
-        return [(SenderListEntry.Scope.USER, "Only me")]
-    return []
-
-
-def list_domains_for(user) -> QuerySet[Domain]:
-    role = role_of(user)
-    if role == Role.ADMIN:
-        return Domain.objects.all()
-    if role == Role.DOMAIN_ADMIN:
-        return Domain.objects.filter(name__in=domains_of(user))
-    return Domain.objects.none()
-
-
-def list_entries_for(user) -> QuerySet[SenderListEntry]:
-    """The entries this user may see and remove: all (administrators), their domains' and their own."""
-    entries = SenderListEntry.objects.select_related("domain", "user", "created_by")
-    role = role_of(user)
-    if role == Role.ADMIN:
-        return entries
-    own = Q(scope=SenderListEntry.Scope.USER, user=user)
-    if role == Role.DOMAIN_ADMIN:
-        return entries.filter(own | Q(scope=SenderListEntry.Scope.DOMAIN, domain__name__in=domains_of(user)))
-    if role == Role.USER:
-        return entries.filter(own)
-    return entries.none()
 
 
 class ListEntryForm(forms.Form):

@@ -20,23 +20,15 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_http_methods, require_POST
 
-from gateway.forms import Role
-from gateway.models import Message, Recipient, record_audit, role_of
-from gateway.views import client_ip
+from console.http import client_ip
+from gateway.access import Role, role_of
+from gateway.models import Message, Recipient, SenderListEntry, record_audit
 
 from . import actions
-from .forms import (
-    BulkForm,
-    ListEntryForm,
-    QuarantineFilterForm,
-    ReleaseForm,
-    SenderFromMessageForm,
-    held_recipients_for,
-    list_entries_for,
-    quarantine_of,
-)
-from .models import BulkJob, SenderListEntry
-from .tasks import advance_if_due, start_bulk_job
+from .bulk import advance_if_due, start_bulk_job
+from .forms import BulkForm, ListEntryForm, QuarantineFilterForm, ReleaseForm, SenderFromMessageForm
+from .models import BulkJob
+from .selection import held_recipients_for, list_entries_for, quarantine_of
 
 PAGE_SIZE = 50
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from gateway.access import Role
 from gateway.models import Message, Recipient
 
 from . import stats
@@ -152,7 +153,7 @@ def stats_daily(request):
         period = stats.Period(period.end - timedelta(days=MAX_STATS_DAYS - 1), period.end)
     viewer = viewer_for(request.user)
     rows = stats.traffic_by_day(viewer, period)
-    if viewer.role == "admin":
+    if viewer.role == Role.ADMIN:
         scope = "all"
     elif viewer.uses_rollups:
         scope = list(viewer.scopes)

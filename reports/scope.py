@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.models import Message, role_of
+from gateway.access import Role, domains_of, may_download, role_of
+from gateway.models import Message
 
 from .models import ALL_SCOPE
 
 
 def is_admin(user) -> bool:
-    return role_of(user) == "admin"
+    return role_of(user) == Role.ADMIN
 
 
 def can_download(user) -> bool:
     """The original of a message holds everything; only administrators and domain administrators get it."""
-    return role_of(user) in ("admin", "domain_admin")
+    return may_download(user)
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,10 @@ class Viewer:
 
 def viewer_for(user) -> Viewer:
     role = role_of(user)
-    if role == "admin":
+    if role == Role.ADMIN:
         return Viewer(user, role, (ALL_SCOPE,))
-    if role == "domain_admin":
-        domains = tuple(sorted(user.mail_profile.domains.values_list("name", flat=True)))
+    if role == Role.DOMAIN_ADMIN:
+        domains = tuple(sorted(domains_of(user)))
         # A domain administrator of several domains sums their rows: a message between two of their own
         # domains is counted once per domain (the roll-ups cannot know it is the same message).
         return Viewer(user, role, domains)

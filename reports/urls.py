@@ -1,14 +1,10 @@
 """URLs of the UI's reading side. Names are unprefixed (`dashboard`, `message_log`, …): every app links to them."""
 
-from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from . import api, views
-from .auth import LoginView
 
 urlpatterns = [
-    path("login/", LoginView.as_view(), name="login"),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", views.dashboard, name="dashboard"),
     path("messages/", views.message_log, name="message_log"),
     path("messages/export.csv", views.message_export, name="message_export"),

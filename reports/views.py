@@ -22,10 +22,11 @@ from django.utils.dateparse import parse_datetime
 from django.views.decorators.clickjacking import xframe_options_sameorigin
 from django.views.decorators.http import require_GET, require_POST
 
-from gateway.models import AuditEvent, Message, RawMessage, Recipient, record_audit
+from console.http import client_ip
+from gateway.access import may_release_virus
+from gateway.models import AuditEvent, Message, RawMessage, Recipient, Verdict, record_audit
 
 from . import exports, mailparse, stats
-from .auth import client_ip
 from .filters import MessageFilterForm, apply_filters, paginate
 from .models import DailyTop, SavedFilter
 from .rollup import day_bounds
@@ -179,11 +180,9 @@ def saved_filter_delete(request, pk: int):
 
 def _quarantine_actions(message: Message, user) -> list[dict]:
     """The quarantine actions this user may take on this message (a virus is released by administrators)."""
-    from quarantine.actions import may_release
-
     choices = [("learn", "Learn as spam", {"as": "spam"}), ("learn", "Learn as ham", {"as": "ham"}),
                ("delete", "Delete", {})]
-    if may_release(message, user):
+    if message.verdict != Verdict.VIRUS or may_release_virus(user):
         choices.insert(0, ("release", "Release", {}))
     return [{"name": name, "label": label, "url": reverse(f"quarantine:{name}", args=[message.queue_id]),
              "extra": extra} for name, label, extra in choices]

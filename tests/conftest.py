@@ -110,7 +110,7 @@ class GatewayServer:
         self.error: BaseException | None = None
 
     def _run(self) -> None:
-        from gateway.smtp.server import serve
+        from gateway.smtp.serve import serve
 
         asyncio.set_event_loop(self.loop)
 
@@ -301,14 +301,14 @@ def _fresh_cache():
     """The cache is shared by processes (login throttling): each test starts with an empty one."""
     from django.core.cache import cache
 
-    from gateway import delivery
+    from gateway.delivery import client as delivery_client
     from gateway.snapshot import Snapshot
 
     cache.clear()
     # The per-process snapshots of the mail-flow settings, the lists and the routes: a new test, a new database.
     for snapshot in Snapshot.every:
         snapshot.clear()
-    delivery.drop_sessions()  # kept SMTP sessions of this thread belong to the last test's servers
+    delivery_client.drop_sessions()  # kept SMTP sessions of this thread belong to the last test's servers
     yield
 
 

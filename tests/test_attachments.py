@@ -3,7 +3,7 @@
 import pytest
 
 from gateway.models import DEFAULT_BLOCKED_ATTACHMENTS
-from gateway.scanners.attachments import AttachmentScanner, clean_name, name_blocked
+from gateway.scan.attachments import AttachmentScanner, clean_name, name_blocked
 from tests.conftest import read_mail
 from tests.mail import MZ_PROGRAM, message, zipped
 
@@ -74,7 +74,7 @@ def test_every_corpus_message_scans_without_crashing(corpus):
 def test_one_text_part_is_judged_from_its_header_section_alone(monkeypatch):
     import email
 
-    from gateway.scanners import attachments
+    from gateway.scan import attachments
 
     parsed = []
     real = email.message_from_bytes

@@ -169,7 +169,7 @@ def take_published(client: redis.Redis, ids: list[int]) -> dict[int, tuple[dict,
 PUBLISH = """
 import celery.app.amqp as amqp
 import redis.connection as connection
-from gateway import queue
+from gateway.dispatch import enqueue
 
 amqp.saferepr = lambda *a, **k: 1 / 0
 writes = []
@@ -179,17 +179,17 @@ def counting(self, command, *args, **kwargs):
         writes.append(1)
     return send(self, command, *args, **kwargs)
 connection.AbstractConnection.send_packed_command = counting
-queue.enqueue_scans([{m}, {m1}, {m2}])
+enqueue.scans([{m}, {m1}, {m2}])
 batch = len(writes)
-queue.enqueue_scan({m3})
-queue.enqueue_learn({m4}, True)
+enqueue.scan({m3})
+enqueue.learn({m4}, True)
 print(batch)
 """
 
 
 def test_the_mail_path_publishes_its_tasks_batched_and_with_their_arguments_shown():
     """The scans of a group commit go to Redis in one write (one pipeline); every task message carries the
-    argsrepr gateway.queue gives it (Celery's saferepr, cheaper to skip, fails here: a publish that fell
+    argsrepr gateway.dispatch gives it (Celery's saferepr, cheaper to skip, fails here: a publish that fell
     back on it would not arrive); what a worker reads is an ordinary task."""
     url = require("redis")
     client = redis.Redis.from_url(url)
@@ -209,18 +209,20 @@ def test_the_mail_path_publishes_its_tasks_batched_and_with_their_arguments_show
     }
 
 
-# The SMTP server's way (gateway.queue.ScanSender, from an event loop) and Celery's own, in one process.
+# The SMTP server's way (gateway.dispatch.scans.ScanSender, from an event loop) and Celery's own, from the
+# task itself, in one process.
 SEND_BOTH = """
 import asyncio
-from gateway import queue, tasks
+from gateway import tasks
+from gateway.dispatch.scans import ScanSender
 
 async def send():
-    sender = queue.ScanSender(run_sync=None)  # never falls back here: a redis:// broker
+    sender = ScanSender(run_sync=None)  # never falls back here: a redis:// broker
     await sender.send([{m}, {m1}, {m2}])
     await sender.close()
 
 asyncio.run(send())
-queue._publish(tasks.scan_message, ({m3},))
+tasks.scan_message.apply_async(args=({m3},), argsrepr=repr(({m3},)), kwargsrepr="{{}}")
 print("sent")
 """
 
@@ -265,26 +267,28 @@ def test_scans_sent_from_the_event_loop_are_the_messages_celery_sends():
 
 
 def test_routes_a_plain_lpush_cannot_follow_go_through_celery(monkeypatch):
-    from gateway import queue, tasks
+    from appliance.celery import app
+    from gateway.dispatch import enqueue
+    from gateway.dispatch.scans import task_template
 
-    assert queue.task_template(tasks.scan_message).key == "celery"
-    send = tasks.scan_message.apply_async
+    assert task_template(enqueue.SCAN).key == "celery"
+    send = app.send_task
     for options in ({"priority": 5}, {"exchange": "mailgate-named", "routing_key": "scan"}, {"expires": 3600}):
-        monkeypatch.setattr(tasks.scan_message, "apply_async",
+        monkeypatch.setattr(app, "send_task",
                             lambda *args, options=options, **kwargs: send(*args, **kwargs, **options))
-        assert queue.task_template(tasks.scan_message) is None, options
+        assert task_template(enqueue.SCAN) is None, options
 
 
 def test_a_broker_that_does_not_answer_leaves_the_scans_to_the_sweeper(settings, caplog):
     import asyncio
 
-    from gateway import queue
+    from gateway.dispatch.scans import ScanSender
 
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens there
     settings.CELERY_TASK_ALWAYS_EAGER = False
 
     async def send() -> None:
-        sender = queue.ScanSender(run_sync=None)
+        sender = ScanSender(run_sync=None)
         await sender.send([1, 2])
         await sender.close()
 

@@ -21,8 +21,7 @@ import pytest
 from browser import login_as, page, screenshot  # noqa: F401  (page is a fixture)
 from playwright.sync_api import expect, sync_playwright
 
-from gateway.models import Message, Verdict
-from quarantine.models import SenderListEntry
+from gateway.models import Message, SenderListEntry, Verdict
 from tests.mail import message as build_message
 from tests.test_quarantine_personas import GTUBE, PASSWORD, People, make_people, quarantined, virus
 

@@ -6,9 +6,12 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gateway import tasks
-from gateway.delivery import backoff, tag_subject
+from gateway import sweep
+from gateway.claims import backoff
+from gateway.delivery import attempt as delivery_attempt
+from gateway.delivery.content import tag_subject
 from gateway.models import MailFlowSettings, Message, Recipient
+from gateway.scan import run as scan_run
 from tests.mail import message
 
 pytestmark = pytest.mark.usefixtures("scanners_off")
@@ -30,8 +33,8 @@ def make_due(msg):
 
 
 def run_due_deliveries():
-    for message_id in tasks.due_work()[1]:
-        tasks.run_delivery(message_id)
+    for message_id in sweep.due_work()[1]:
+        delivery_attempt.run_delivery(message_id)
 
 
 def test_temporary_failure_is_retried_and_delivered_exactly_once(gateway_smtp, protected_domain, capture_server):
@@ -48,7 +51,7 @@ def test_temporary_failure_is_retried_and_delivered_exactly_once(gateway_smtp, p
     make_due(msg)
     run_due_deliveries()
     run_due_deliveries()  # a second pass (or a duplicated task) finds nothing to do
-    tasks.run_delivery(msg.pk)
+    delivery_attempt.run_delivery(msg.pk)
     assert len(capture_server.messages) == 1
     recipient.refresh_from_db()
     assert recipient.status == Recipient.Status.DELIVERED and recipient.attempts == 2
@@ -150,11 +153,11 @@ def test_a_non_ascii_recipient_is_sent_with_smtputf8(gateway_smtp, protected_dom
 
 def test_a_delivery_whose_claim_was_handed_to_another_worker_is_not_sent_again(gateway_smtp, protected_domain,
                                                                                  capture_server, settings):
-    from gateway.delivery import DeliveryAttempt
+    from gateway.delivery.attempt import DeliveryAttempt
 
     settings.CELERY_TASK_ALWAYS_EAGER = False
     msg = send(gateway_smtp, message())
-    tasks.run_scan(msg.pk)  # not eager: the test scans it here
+    scan_run.run_scan(msg.pk)  # not eager: the test scans it here
     msg.refresh_from_db()
     Recipient.objects.filter(message=msg).update(status=Recipient.Status.PENDING, next_attempt_at=timezone.now())
     capture_server.messages.clear()

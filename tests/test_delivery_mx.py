@@ -2,7 +2,7 @@
 
 import pytest
 
-from gateway.delivery import NoRoute, mx_hosts
+from gateway.delivery.routing import NoRoute, mx_hosts
 from tests.dnsstub import DNSStub
 
 

@@ -19,8 +19,8 @@ import dkim as dkimpy
 import nacl.signing
 import pytest
 
-from gateway.auth import dkim
-from gateway.auth.dns import SyncResolver
+from gateway.mailauth import dkim
+from gateway.mailauth.dns import SyncResolver
 from tests.dnsstub import DNSStub, dns_stub  # noqa: F401  (fixture)
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "auth" / "dkim"

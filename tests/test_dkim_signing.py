@@ -11,8 +11,8 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
-from gateway.auth import dkim
-from gateway.auth.dns import Resolver
+from gateway.mailauth import dkim
+from gateway.mailauth.dns import Resolver
 from gateway.models import DKIMKey, MailFlowSettings, Message, TrustedNetwork
 from tests.conftest import insecure_tls
 

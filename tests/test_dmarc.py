@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.auth import dmarc
-from gateway.auth.dkim import DKIMSignatureResult
-from gateway.auth.dns import SyncResolver
-from gateway.auth.spf import SPFResult
+from gateway.mailauth import dmarc
+from gateway.mailauth.dkim import DKIMSignatureResult
+from gateway.mailauth.dns import SyncResolver
+from gateway.mailauth.spf import SPFResult
 from tests.dnsstub import DNSStub, dns_stub  # noqa: F401  (fixture)
 
 ZONES = {

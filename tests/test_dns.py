@@ -1,4 +1,4 @@
-"""The DNS stub (tests/dnsstub.py) answers like a DNS server, and gateway.auth.dns tells "no" from "don't know".
+"""The DNS stub (tests/dnsstub.py) answers like a DNS server, and gateway.mailauth.dns tells "no" from "don't know".
 
 Every lookup goes to the stub on 127.0.0.1: no test here touches the internet or the system resolver.
 """
@@ -17,8 +17,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from gateway.auth import dns as authdns
-from gateway.auth.dns import MXRecord, Resolver, SyncResolver, TemporaryDNSError
+from gateway.mailauth import dns as authdns
+from gateway.mailauth.dns import MXRecord, Resolver, SyncResolver, TemporaryDNSError
 from tests.dnsstub import DNSStub, dns_stub  # noqa: F401  (fixture)
 
 ZONES = {
@@ -165,7 +165,7 @@ def test_stub_as_context_manager_frees_its_port() -> None:
         sock.bind(("127.0.0.1", port))
 
 
-# --- gateway.auth.dns -----------------------------------------------------------------------------------------
+# --- gateway.mailauth.dns -----------------------------------------------------------------------------------------
 
 
 def test_lookups_of_each_type(resolver: SyncResolver) -> None:

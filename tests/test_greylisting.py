@@ -9,9 +9,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gateway.models import GreylistEntry, Message, SMTPPolicy, TrustedNetwork
+from gateway.models import GreylistEntry, Message, SenderListEntry, SMTPPolicy, TrustedNetwork
 from gateway.policy import greylist
-from quarantine.models import SenderListEntry
 
 pytestmark = pytest.mark.usefixtures("scanners_off")
 

@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from gateway import tasks
+from gateway import sweep, tasks
 from gateway.models import MailFlowSettings, Message, RawMessage, Recipient, RecipientVerification
 
 pytestmark = pytest.mark.django_db
@@ -21,7 +21,7 @@ def held(days_old: int) -> Message:
 
 def test_quarantine_retention_drops_the_bytes_and_keeps_the_log():
     old, recent = held(40), held(2)
-    assert tasks.purge_expired() == 1
+    assert sweep.purge_expired() == 1
     old.refresh_from_db()
     assert old.state == Message.State.DELETED and not RawMessage.objects.filter(message=old).exists()
     assert old.recipients.get().status == Recipient.Status.DELETED
@@ -36,7 +36,7 @@ def test_log_retention_keeps_work_in_progress():
     done = Message.objects.create(state=Message.State.DELIVERED, received_at=timezone.now() - timedelta(days=31))
     waiting = Message.objects.create(state=Message.State.SCAN_DEFERRED,
                                      received_at=timezone.now() - timedelta(days=31))
-    tasks.purge_expired()
+    sweep.purge_expired()
     assert not Message.objects.filter(pk=done.pk).exists()
     assert Message.objects.filter(pk=waiting.pk).exists()
 
@@ -44,7 +44,7 @@ def test_log_retention_keeps_work_in_progress():
 def test_a_claim_left_by_a_dead_worker_is_handed_back():
     stuck = Message.objects.create(state=Message.State.SCANNING,
                                    claimed_at=timezone.now() - timedelta(hours=1))
-    scans, _ = tasks.due_work()
+    scans, _ = sweep.due_work()
     assert stuck.pk in scans
     stuck.refresh_from_db()
     assert stuck.state == Message.State.SCAN_DEFERRED

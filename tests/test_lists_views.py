@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 from django.test import Client
 
-from gateway.models import AuditEvent
-from quarantine.lists import list_decision
-from quarantine.models import SenderListEntry
+from gateway.models import AuditEvent, SenderListEntry
+from gateway.policy.lists import list_decision
 from tests.test_quarantine_personas import People, logged_in, make_people
 
 pytestmark = pytest.mark.django_db

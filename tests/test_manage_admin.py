@@ -6,8 +6,8 @@ import pytest
 from django.contrib import admin
 from django.urls import reverse
 
-from gateway.models import AuditEvent, MailFlowSettings, Message, TrustedNetwork
-from quarantine.models import BulkJob, SenderListEntry
+from gateway.models import AuditEvent, MailFlowSettings, Message, SenderListEntry, TrustedNetwork
+from quarantine.models import BulkJob
 from tests.test_quarantine_personas import People, make_people, make_user, quarantined
 
 pytestmark = pytest.mark.django_db

@@ -9,9 +9,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from gateway import pipeline, tasks
-from gateway.delivery import DeliveryAttempt
+from gateway.delivery import attempt as delivery_attempt
+from gateway.delivery.attempt import DeliveryAttempt
 from gateway.models import MailFlowSettings, Message, Recipient, Verdict
+from gateway.scan import record as scan_record
+from gateway.scan import run as scan_run
+from gateway.scan import verdict as scan_verdict
 from tests.mail import message
 from tests.test_delivery import send
 
@@ -38,13 +41,13 @@ def received(gateway_smtp, protected_domain, capture_server, settings):
 
 def test_scan_and_delivery_of_a_one_recipient_message_take_two_statements(received, capture_server):
     msg = received()
-    tasks.run_scan(msg.pk)  # a first message warms the per-process snapshots (settings, lists, routes)
+    scan_run.run_scan(msg.pk)  # a first message warms the per-process snapshots (settings, lists, routes)
     msg = received()
     with CaptureQueriesContext(connection) as ctx:
-        assert tasks.run_scan(msg.pk) == Verdict.CLEAN
+        assert scan_run.run_scan(msg.pk) == Verdict.CLEAN
     # PostgreSQL: the claim and the read of the message, its bytes, its recipient count and its pending
     # recipients; after the delivery, the verdict, the recipient's outcome and the message's final state
-    # (pipeline.HeldVerdict). Elsewhere: the claim; the verdict of the message and of its recipient,
+    # (scan_record.HeldVerdict). Elsewhere: the claim; the verdict of the message and of its recipient,
     # claimed for delivery; the recipient's outcome and the message's final state, each pair of writes in
     # a transaction.
     if connection.vendor == "postgresql":
@@ -64,7 +67,7 @@ def test_a_deferral_writes_the_held_verdict_then_the_outcome(received, capture_s
     deferral under that claim."""
     capture_server.handler.data_script.append("451 4.3.0 try later")
     msg = received()
-    assert tasks.run_scan(msg.pk) == Verdict.CLEAN
+    assert scan_run.run_scan(msg.pk) == Verdict.CLEAN
     msg.refresh_from_db()
     (recipient,) = msg.recipients.all()
     assert (msg.state, msg.verdict, msg.scanned_at is not None) == (Message.State.DELIVERING, Verdict.CLEAN, True)
@@ -75,20 +78,19 @@ def test_a_deferral_writes_the_held_verdict_then_the_outcome(received, capture_s
 def test_a_claim_lost_during_the_delivery_records_nothing(received, capture_server, monkeypatch, caplog):
     """The sweeper judged the scan's claim stale and another worker claimed the message while this one
     delivered it: this pass writes neither verdict nor outcome over the other worker's claim."""
-    from gateway import delivery
 
     if connection.vendor != "postgresql":
         pytest.skip("the verdict is held back on PostgreSQL only; elsewhere it is written before the delivery")
     msg = received()
     theirs = timezone.now()
-    send_to = delivery.DeliveryAttempt._send_to
+    send_to = delivery_attempt.DeliveryAttempt._send_to
 
     def meanwhile(self, destination, group, data):
         Message.objects.filter(pk=msg.pk).update(claimed_at=theirs)
         return send_to(self, destination, group, data)
 
-    monkeypatch.setattr(delivery.DeliveryAttempt, "_send_to", meanwhile)
-    tasks.run_scan(msg.pk)
+    monkeypatch.setattr(delivery_attempt.DeliveryAttempt, "_send_to", meanwhile)
+    scan_run.run_scan(msg.pk)
     msg.refresh_from_db()
     (recipient,) = msg.recipients.all()
     assert (msg.state, msg.claimed_at, msg.verdict) == (Message.State.SCANNING, theirs, "")
@@ -99,22 +101,21 @@ def test_a_claim_lost_during_the_delivery_records_nothing(received, capture_serv
 
 def test_a_scan_claim_near_staleness_is_written_before_the_smtp_transaction(received, capture_server,
                                                                              monkeypatch):
-    from gateway import delivery
 
     if connection.vendor != "postgresql":
         pytest.skip("the verdict is held back on PostgreSQL only")
     ages = iter([True, False])  # fresh when the scan ends, near stale before the connection
-    monkeypatch.setattr(pipeline.HeldVerdict, "fresh", lambda self: next(ages))
+    monkeypatch.setattr(scan_record.HeldVerdict, "fresh", lambda self: next(ages))
     seen = []
-    send_to = delivery.DeliveryAttempt._send_to
+    send_to = delivery_attempt.DeliveryAttempt._send_to
 
     def watched(self, destination, group, data):
         seen.append(list(Recipient.objects.filter(message=msg).values_list("status", "verdict")))
         return send_to(self, destination, group, data)
 
-    monkeypatch.setattr(delivery.DeliveryAttempt, "_send_to", watched)
+    monkeypatch.setattr(delivery_attempt.DeliveryAttempt, "_send_to", watched)
     msg = received()
-    tasks.run_scan(msg.pk)
+    scan_run.run_scan(msg.pk)
     assert seen == [[(Recipient.Status.DELIVERING, Verdict.CLEAN)]]
     msg.refresh_from_db()
     assert msg.state == Message.State.DELIVERED and msg.recipients.get().status == Recipient.Status.DELIVERED
@@ -126,7 +127,7 @@ def test_recipients_already_done_are_left_as_they_are(received, capture_server):
     msg = received(to=("bob@example.org", "carol@example.org"))
     Recipient.objects.filter(message=msg, address="bob@example.org").update(
         status=Recipient.Status.DELIVERED, reply_code=250, attempts=1)
-    tasks.run_scan(msg.pk)
+    scan_run.run_scan(msg.pk)
     msg.refresh_from_db()
     statuses = dict(msg.recipients.values_list("address", "status"))
     assert statuses == {"bob@example.org": Recipient.Status.DELIVERED, "carol@example.org": Recipient.Status.DELIVERED}
@@ -139,11 +140,11 @@ def test_a_delivery_is_recorded_once_the_database_answers_again(received, captur
     again until it succeeds, so the mail is not sent a second time once its claim is stale."""
     from django.db import OperationalError
 
-    from gateway import delivery, rowsql
+    from gateway.db import rowsql
 
-    monkeypatch.setattr(delivery.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(delivery_attempt.time, "sleep", lambda seconds: None)
     failures = {"held": 1, "deferral": 1}
-    write_delivered, update = pipeline.HeldVerdict.write_delivered, rowsql.update
+    write_delivered, update = scan_record.HeldVerdict.write_delivered, rowsql.update
 
     def down_once(kind):
         if failures[kind]:
@@ -159,13 +160,13 @@ def test_a_delivery_is_recorded_once_the_database_answers_again(received, captur
             down_once("deferral")
         return update(model, values, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.HeldVerdict, "write_delivered", flaky_write_delivered)
+    monkeypatch.setattr(scan_record.HeldVerdict, "write_delivered", flaky_write_delivered)
     monkeypatch.setattr(rowsql, "update", flaky_update)
     delivered = received()
-    tasks.run_scan(delivered.pk)
+    scan_run.run_scan(delivered.pk)
     capture_server.handler.data_script.append("451 4.3.0 try later")
     deferred = received()
-    tasks.run_scan(deferred.pk)
+    scan_run.run_scan(deferred.pk)
     delivered.refresh_from_db()
     deferred.refresh_from_db()
     assert (delivered.state, delivered.recipients.get().status) == (Message.State.DELIVERED,
@@ -183,12 +184,11 @@ def test_a_held_verdict_committed_before_the_connection_dropped_is_not_written_a
     (and does not take the message for one without pending recipients)."""
     from django.db import OperationalError
 
-    from gateway import delivery
 
     if connection.vendor != "postgresql":
         pytest.skip("the verdict is held back on PostgreSQL only")
-    monkeypatch.setattr(delivery.time, "sleep", lambda seconds: None)
-    in_one_statement, dropped = pipeline._in_one_statement, []
+    monkeypatch.setattr(delivery_attempt.time, "sleep", lambda seconds: None)
+    in_one_statement, dropped = scan_record._in_one_statement, []
 
     def answer_lost(*args):
         result = in_one_statement(*args)
@@ -197,10 +197,10 @@ def test_a_held_verdict_committed_before_the_connection_dropped_is_not_written_a
             raise OperationalError("server closed the connection unexpectedly")
         return result
 
-    monkeypatch.setattr(pipeline, "_in_one_statement", answer_lost)
+    monkeypatch.setattr(scan_record, "_in_one_statement", answer_lost)
     capture_server.handler.data_script.append("451 4.3.0 try later")
     msg = received()
-    tasks.run_scan(msg.pk)
+    scan_run.run_scan(msg.pk)
     msg.refresh_from_db()
     (recipient,) = msg.recipients.all()
     assert dropped and (msg.state, msg.verdict) == (Message.State.DELIVERING, Verdict.CLEAN)
@@ -210,23 +210,23 @@ def test_a_held_verdict_committed_before_the_connection_dropped_is_not_written_a
 
 def test_a_message_is_scanned_once_and_a_missing_one_is_gone(received):
     msg = received()
-    assert tasks.claim_scan(msg.pk) is not None
+    assert scan_run.claim_scan(msg.pk) is not None
     # Claimed (state scanning): a second task for the same message leaves it alone.
-    assert tasks.claim_scan(msg.pk) is None
-    assert tasks.run_scan(msg.pk) == "taken"
-    assert tasks.run_scan(10**9) == "gone"
+    assert scan_run.claim_scan(msg.pk) is None
+    assert scan_run.run_scan(msg.pk) == "taken"
+    assert scan_run.run_scan(10**9) == "gone"
     msg.refresh_from_db()
     assert (msg.state, msg.attempts) == (Message.State.SCANNING, 1)
 
 
 def test_a_stale_scan_claim_writes_no_verdict(received, capture_server):
     msg = received()
-    claimed, raw, count, pending = tasks.claim_scan(msg.pk)
+    claimed, raw, count, pending = scan_run.claim_scan(msg.pk)
     assert (raw, count) == (bytes(msg.raw.data), 1)
-    outcome = pipeline.scan(claimed, raw, MailFlowSettings.cached())
+    outcome = scan_verdict.scan(claimed, raw, MailFlowSettings.cached())
     # Meanwhile the sweeper judged the claim stale and another worker claimed the message again.
     Message.objects.filter(pk=msg.pk).update(claimed_at=timezone.now())
-    assert pipeline.apply_verdict(claimed, outcome, MailFlowSettings.cached()) is None
+    assert scan_record.apply_verdict(claimed, outcome, MailFlowSettings.cached()) is None
     msg.refresh_from_db()
     (recipient,) = msg.recipients.all()
     assert msg.state == Message.State.SCANNING and msg.verdict == ""
@@ -246,12 +246,12 @@ def test_a_delivery_claim_moves_each_due_recipient_once(received):
 
 
 def test_a_list_entry_gives_recipients_their_own_verdict(received, capture_server):
-    from quarantine.models import SenderListEntry
+    from gateway.models import SenderListEntry
 
     msg = received(to=("bob@example.org", "carol@example.org"))
     SenderListEntry.objects.create(kind="block", scope="global", sender="alice@sender.example")
     Recipient.objects.filter(message=msg, address="bob@example.org").update(status=Recipient.Status.DELIVERED)
-    tasks.run_scan(msg.pk)
+    scan_run.run_scan(msg.pk)
     msg.refresh_from_db()
     statuses = dict(msg.recipients.values_list("address", "status"))
     # bob's row was no longer pending: the scan leaves it; carol's sender is blocked: held.
@@ -264,7 +264,7 @@ def test_a_list_entry_gives_recipients_their_own_verdict(received, capture_serve
 def test_a_partial_failure_reads_the_recipients_back_and_sends_a_dsn(received, capture_server):
     capture_server.handler.rcpt_script["carol@example.org"] = ["550 5.1.1 no such user"]
     msg = received(to=("bob@example.org", "carol@example.org"))
-    tasks.run_scan(msg.pk)
+    scan_run.run_scan(msg.pk)
     msg.refresh_from_db()
     statuses = dict(msg.recipients.values_list("address", "status"))
     assert statuses == {"bob@example.org": Recipient.Status.DELIVERED, "carol@example.org": Recipient.Status.BOUNCED}
@@ -285,45 +285,43 @@ def test_the_statements_of_the_path_are_prepared_once_per_connection(received, s
 
     before = prepared()
     for _ in range(2):
-        assert tasks.run_scan(received().pk) == Verdict.CLEAN
+        assert scan_run.run_scan(received().pk) == Verdict.CLEAN
     new = prepared() - before
     # The scan claim, the verdict with the outcome and the final state: prepared once and reused for the
     # second message (psycopg keys them by text and parameter types).
     assert len(new) == 2 and all(text.startswith(("UPDATE", "WITH")) for text in new), new
     settings.DB_PREPARED_STATEMENTS = False
-    assert tasks.run_scan(received().pk) == Verdict.CLEAN
+    assert scan_run.run_scan(received().pk) == Verdict.CLEAN
     assert prepared() - before == new
 
 
 def _scanned_and_claimed(msg: Message):
-    claimed_message, raw, count, _ = tasks.claim_scan(msg.pk)
+    claimed_message, raw, count, _ = scan_run.claim_scan(msg.pk)
     config = MailFlowSettings.cached()
-    applied = pipeline.apply_verdict(claimed_message, pipeline.scan(claimed_message, raw, config), config)
+    applied = scan_record.apply_verdict(claimed_message, scan_verdict.scan(claimed_message, raw, config), config)
     assert applied.deliver and [r.status for r in applied.claimed] == [Recipient.Status.DELIVERING]
     return claimed_message, raw, count, applied.claimed
 
 
 def test_the_last_outcome_leaves_a_state_someone_else_set(received, capture_server):
-    from gateway import delivery
 
     msg = received()
     claimed_message, raw, count, claimed = _scanned_and_claimed(msg)
     Message.objects.filter(pk=msg.pk).update(state=Message.State.QUARANTINED)  # an administrator, meanwhile
-    delivery.deliver(claimed_message, raw, recipient_count=count, claimed=claimed)
+    delivery_attempt.deliver(claimed_message, raw, recipient_count=count, claimed=claimed)
     msg.refresh_from_db()
     assert msg.state == Message.State.QUARANTINED
     assert msg.recipients.get().status == Recipient.Status.DELIVERED
 
 
 def test_an_outcome_is_not_recorded_over_a_claim_another_worker_holds(received, capture_server):
-    from gateway import delivery
 
     msg = received()
     claimed_message, raw, count, claimed = _scanned_and_claimed(msg)
     # The sweeper judged the claim stale and another worker claimed the recipient again.
     theirs = timezone.now()
     Recipient.objects.filter(message=msg).update(claimed_at=theirs)
-    delivery.deliver(claimed_message, raw, recipient_count=count, claimed=claimed)
+    delivery_attempt.deliver(claimed_message, raw, recipient_count=count, claimed=claimed)
     msg.refresh_from_db()
     (recipient,) = msg.recipients.all()
     assert (recipient.status, recipient.claimed_at, recipient.attempts) == (Recipient.Status.DELIVERING, theirs, 0)
@@ -331,22 +329,22 @@ def test_an_outcome_is_not_recorded_over_a_claim_another_worker_holds(received, 
 
 
 def test_a_session_is_kept_for_the_next_message_and_replaced_when_stale(received, capture_server, monkeypatch):
-    from gateway import delivery
+    from gateway.delivery import client as delivery_client
 
-    tasks.run_scan(received().pk)
-    ((destination, (kept, _, uses)),) = delivery._session_cache().items()
+    scan_run.run_scan(received().pk)
+    ((destination, (kept, _, uses)),) = delivery_client._session_cache().items()
     assert (destination.port, uses) == (capture_server.port, 1)
-    tasks.run_scan(received().pk)
-    assert delivery._session_cache()[destination][0] is kept  # no new connection, greeting, EHLO
+    scan_run.run_scan(received().pk)
+    assert delivery_client._session_cache()[destination][0] is kept  # no new connection, greeting, EHLO
     # The server closed the kept session meanwhile: the next message goes on a new one, once.
     kept.close()
-    tasks.run_scan(received().pk)
-    replaced, _, uses = delivery._session_cache()[destination]
+    scan_run.run_scan(received().pk)
+    replaced, _, uses = delivery_client._session_cache()[destination]
     assert replaced is not kept and uses == 1
     # Idle too long: not used again.
-    monkeypatch.setattr(delivery, "SESSION_IDLE_SECONDS", 0.0)
-    tasks.run_scan(received().pk)
-    assert delivery._session_cache()[destination][0] is not replaced
+    monkeypatch.setattr(delivery_client, "SESSION_IDLE_SECONDS", 0.0)
+    scan_run.run_scan(received().pk)
+    assert delivery_client._session_cache()[destination][0] is not replaced
     assert len(capture_server.messages) == 4
     assert set(Message.objects.values_list("state", flat=True)) == {Message.State.DELIVERED}
 
@@ -354,14 +352,13 @@ def test_a_session_is_kept_for_the_next_message_and_replaced_when_stale(received
 def test_with_lists_the_recipients_to_deliver_are_claimed_with_their_verdict(received, capture_server):
     """A domain's block entry holds its recipient; the other one is claimed in the verdict's write and
     delivered in the same task."""
-    from gateway.models import Domain
-    from quarantine.models import SenderListEntry
+    from gateway.models import Domain, SenderListEntry
 
     org = Domain.objects.get(name="example.org")
     net = Domain.objects.create(name="example.net", route=org.route)
     SenderListEntry.objects.create(kind="block", scope="domain", domain=net, sender="alice@sender.example")
     msg = received(to=("bob@example.org", "carol@example.net"))
-    tasks.run_scan(msg.pk)
+    scan_run.run_scan(msg.pk)
     msg.refresh_from_db()
     statuses = dict(msg.recipients.values_list("address", "status"))
     assert statuses == {"bob@example.org": Recipient.Status.DELIVERED,
@@ -375,10 +372,9 @@ def test_with_lists_the_recipients_to_deliver_are_claimed_with_their_verdict(rec
 def test_the_snapshots_follow_a_change_saved_in_this_process():
     """The routes, the settings and 'are there list entries' are read once per CONFIG_CACHE_SECONDS, but
     a change saved in this process is seen at once."""
-    from gateway.delivery import active_routes
-    from gateway.models import Domain, Route
-    from quarantine.lists import lists_are_empty
-    from quarantine.models import SenderListEntry
+    from gateway.delivery.routing import active_routes
+    from gateway.models import Domain, Route, SenderListEntry
+    from gateway.policy.lists import lists_are_empty
 
     assert "example.com" not in active_routes() and lists_are_empty()
     route = Route.objects.create(name="store", host="127.0.0.1", port=2525)

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from gateway.models import AuditEvent, Message
-from quarantine import tasks
+from quarantine import bulk, tasks
 from quarantine.models import BulkJob
 from tests.test_quarantine_personas import People, logged_in, make_people, quarantined, virus
 
@@ -23,7 +23,7 @@ def people(db) -> People:
 
 @pytest.fixture
 def no_delivery():
-    with mock.patch("gateway.queue.enqueue_delivery") as enqueue:
+    with mock.patch("gateway.dispatch.enqueue.delivery") as enqueue:
         yield enqueue
 
 
@@ -66,13 +66,13 @@ def test_delete_all_that_match_a_filter_in_chunks_with_progress(client, people):
     assert response.status_code == 302 and "sender=junk.example" in response["Location"]
     job = BulkJob.objects.get()
     # The first chunk is worked at once; the rest waits for the page's progress poll.
-    assert (job.state, job.total, job.done) == ("running", 120, tasks.CHUNK_SIZE)
+    assert (job.state, job.total, job.done) == ("running", 120, bulk.CHUNK_SIZE)
 
     page = client.get(response["Location"]).content.decode()
     assert f'data-status-url="/quarantine/bulk/{job.pk}"' in page and "under way" in page
 
     status = client.get(f"/quarantine/bulk/{job.pk}").json()
-    assert status["done"] == tasks.CHUNK_SIZE, "a GET only reads"
+    assert status["done"] == bulk.CHUNK_SIZE, "a GET only reads"
     polls = 0
     while not status["finished"]:
         status = client.post(f"/quarantine/bulk/{job.pk}").json()
@@ -130,7 +130,7 @@ def test_learn_in_bulk(client, people, settings):
     settings.CELERY_TASK_ALWAYS_EAGER = True
     messages = [quarantined("alice@example.org") for _ in range(2)]
     logged_in(client, people.alice)
-    with mock.patch("gateway.queue.enqueue_learn") as learn:
+    with mock.patch("gateway.dispatch.enqueue.learn") as learn:
         client.post("/quarantine/bulk", {"action": "learn_ham", "target": "selected",
                                          "ids": [m.queue_id for m in messages]})
     assert sorted(c.args for c in learn.call_args_list) == sorted((m.pk, False) for m in messages)
@@ -147,7 +147,7 @@ def test_someone_elses_job_is_a_404(client, people):
     assert client.get(f"/quarantine/bulk/{job.pk}").status_code == 404
     assert client.post(f"/quarantine/bulk/{job.pk}").status_code == 404
     job.refresh_from_db()
-    assert job.done == tasks.CHUNK_SIZE
+    assert job.done == bulk.CHUNK_SIZE
 
 
 def test_with_a_broker_the_celery_task_works_the_job(client, people, settings):
@@ -159,7 +159,7 @@ def test_with_a_broker_the_celery_task_works_the_job(client, people, settings):
         client.post("/quarantine/bulk", {"action": "delete", "target": "all"})
         job = BulkJob.objects.get()
         # The task is sent on commit; the poll leaves the work to it while it makes progress.
-        assert client.post(f"/quarantine/bulk/{job.pk}").json()["done"] == tasks.CHUNK_SIZE
+        assert client.post(f"/quarantine/bulk/{job.pk}").json()["done"] == bulk.CHUNK_SIZE
     # (pytest-django's test transaction never commits, so on_commit hooks do not run: call the task.)
     delay.assert_not_called()
     tasks.run_bulk_job(job.pk)

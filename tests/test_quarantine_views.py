@@ -8,8 +8,7 @@ from unittest import mock
 import pytest
 from django.test import Client
 
-from gateway.models import AuditEvent, Message, Recipient
-from quarantine.models import SenderListEntry
+from gateway.models import AuditEvent, Message, Recipient, SenderListEntry
 from tests.test_quarantine_personas import People, logged_in, make_people, quarantined, virus
 
 pytestmark = pytest.mark.django_db
@@ -27,7 +26,7 @@ def url(queue_id: str, action: str = "") -> str:
 @pytest.fixture
 def no_delivery():
     """Count what a release hands to delivery, without delivering (no task, no SMTP)."""
-    with mock.patch("gateway.queue.enqueue_delivery") as enqueue:
+    with mock.patch("gateway.dispatch.enqueue.delivery") as enqueue:
         yield enqueue
 
 
@@ -196,7 +195,7 @@ def test_learn_as_spam_and_as_ham(client, people, settings):
     settings.CELERY_TASK_ALWAYS_EAGER = True  # tasks are sent (here: to the mock), not run inline
     message = quarantined("alice@example.org")
     logged_in(client, people.alice)
-    with mock.patch("gateway.queue.enqueue_learn") as learn:
+    with mock.patch("gateway.dispatch.enqueue.learn") as learn:
         client.post(url(message.queue_id, "learn"), {"as": "spam"})
         client.post(url(message.queue_id, "learn"), {"as": "ham"})
         assert client.post(url(message.queue_id, "learn"), {"as": "maybe"}).status_code == 400

@@ -6,12 +6,15 @@ import uuid
 import pytest
 from django.utils import timezone
 
-from gateway import pipeline, tasks
+from gateway import sweep, tasks
+from gateway.delivery import attempt as delivery_attempt
+from gateway.intake.rows import Arrival, received_header
 from gateway.mailbytes import first_received
 from gateway.models import MailFlowSettings, Message, RawMessage, Recipient
-from gateway.scanners import clamav, spamassassin
-from gateway.scanners.spamassassin import parse_report
-from gateway.smtp.intake import Envelope, received_header
+from gateway.scan import clamav, spamassassin
+from gateway.scan import run as scan_run
+from gateway.scan import verdict as scan_verdict
+from gateway.scan.spamassassin import parse_report
 from tests.conftest import read_mail
 from tests.mail import GTUBE_PATH, MZ_PROGRAM, eicar, message, zipped
 from tests.test_services import spamc
@@ -76,13 +79,13 @@ def test_first_received_takes_our_trace_field_only():
 def test_spamassassin_sees_the_connecting_client_in_our_received_field(scanners, db, client_name, rdns_none):
     # A client outside every trusted network: SpamAssassin judges the relay it connected from, as named in
     # the Received field our SMTP server wrote, the field that leads the message spamd is given.
-    envelope = Envelope(client_ip="203.0.113.9", client_name=client_name, helo="mail.sender.example",
+    envelope = Arrival(client_ip="203.0.113.9", client_name=client_name, helo="mail.sender.example",
                         sender="alice@sender.example", recipients=["bob@example.org"], mail_options=[])
     msg = Message(queue_id="0A1B2C3D4E5F", client_ip=envelope.client_ip, client_name=client_name,
                   added_headers=received_header(envelope, "0A1B2C3D4E5F", timezone.now()))
     raw = message(body="Minutes of today's meeting are attached below.\n")
-    assert pipeline.spamd_input(msg.added_headers, raw).startswith(b"Received: from mail.sender.example (")
-    rules = [r["name"] for r in pipeline.scan(msg, raw, MailFlowSettings.cached()).spam_rules]
+    assert scan_verdict.spamd_input(msg.added_headers, raw).startswith(b"Received: from mail.sender.example (")
+    rules = [r["name"] for r in scan_verdict.scan(msg, raw, MailFlowSettings.cached()).spam_rules]
     assert ("RDNS_NONE" in rules) is rdns_none, rules
     assert "NO_RECEIVED" not in rules and "NO_RELAYS" not in rules
 
@@ -92,7 +95,7 @@ def test_learning_teaches_spamd_the_message_as_it_was_scanned(scanners, spamd, g
     msg = send(gateway_smtp, message(subject=f"Cheap watches {uuid.uuid4().hex}",
                                      body="Buy cheap replica watches now, limited offer!\n"))
     tasks.learn_message(msg.pk, True)
-    scanned = pipeline.spamd_input(msg.added_headers, bytes(RawMessage.objects.get(message=msg).data))
+    scanned = scan_verdict.spamd_input(msg.added_headers, bytes(RawMessage.objects.get(message=msg).data))
     assert scanned.startswith(b"Received: ")
     # Forgotten again (the shared Bayes database keeps only what tests mean to teach it): spamd removes it,
     # so the TELL of learn_message had set it.
@@ -168,7 +171,7 @@ def test_spam_is_delivered_tagged(scanners, gateway_smtp, protected_domain, capt
     assert b"X-Spam-Flag: YES" in delivered.data
     msg.refresh_from_db()
     assert msg.verdict == "spam" and msg.action == "tag"
-    # The verdict and the delivery's outcome, written together (pipeline.HeldVerdict), reach both rows.
+    # The verdict and the delivery's outcome, written together (scan_record.HeldVerdict), reach both rows.
     recipient = msg.recipients.get()
     assert msg.state == Message.State.DELIVERED and msg.spam_score is not None and msg.spam_rules
     assert (recipient.verdict, recipient.action, recipient.status) == ("spam", "tag", Recipient.Status.DELIVERED)
@@ -186,18 +189,18 @@ def test_scanner_down_defers_the_scan_and_delivers_once_it_is_back(scanners, gat
     assert capture_server.messages == []
     # Still down at the next attempt: still waiting, never delivered unscanned.
     Message.objects.filter(pk=msg.pk).update(next_attempt_at=msg.received_at)
-    scans, _ = tasks.due_work()
+    scans, _ = sweep.due_work()
     assert msg.pk in scans
-    assert tasks.run_scan(msg.pk) == "deferred"
+    assert scan_run.run_scan(msg.pk) == "deferred"
     assert capture_server.messages == []
     # spamd is back: the sweeper's next pass scans and delivers it, once.
     settings.SPAMD_URL = spamd
     Message.objects.filter(pk=msg.pk).update(next_attempt_at=msg.received_at)
-    for message_id in tasks.due_work()[0]:
-        tasks.run_scan(message_id)
-    for message_id in tasks.due_work()[1]:
-        tasks.run_delivery(message_id)
+    for message_id in sweep.due_work()[0]:
+        scan_run.run_scan(message_id)
+    for message_id in sweep.due_work()[1]:
+        delivery_attempt.run_delivery(message_id)
     assert len(capture_server.wait_for(1)) == 1
     msg.refresh_from_db()
     assert msg.state == Message.State.DELIVERED and msg.attempts == 3
-    assert tasks.due_work() == ([], [])
+    assert sweep.due_work() == ([], [])

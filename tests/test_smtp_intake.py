@@ -5,7 +5,7 @@ and that every accepted message and every refusal is in the mail log."""
 import pytest
 
 from gateway.models import MailFlowSettings, Message, RawMessage, TrustedNetwork
-from gateway.smtp.server import with_enhanced_code
+from gateway.smtp.protocol import with_enhanced_code
 
 pytestmark = pytest.mark.usefixtures("scanners_off")
 
@@ -111,7 +111,7 @@ def test_over_size_refused_at_mail_and_at_data(gateway_smtp, protected_domain):
     config = MailFlowSettings.load()
     config.max_message_size = 2000
     config.save()
-    from gateway.smtp.intake import PolicyCache  # noqa: F401  (the server reloads within its TTL)
+    from gateway.policy.config import ServerConfigCache  # noqa: F401  (the server reloads within its TTL)
 
     gateway_smtp.stop()
     from tests.conftest import GatewayServer

@@ -12,9 +12,8 @@ import time
 import pytest
 from django.core.management import call_command
 
-from gateway.auth import dkim
-from gateway.models import DNSBLZone, Message, RawMessage, SMTPPolicy, TrustedNetwork
-from quarantine.models import SenderListEntry
+from gateway.mailauth import dkim
+from gateway.models import DNSBLZone, Message, RawMessage, SenderListEntry, SMTPPolicy, TrustedNetwork
 
 pytestmark = pytest.mark.usefixtures("scanners_off")
 

@@ -8,9 +8,9 @@ import threading
 import pytest
 from django.db import DatabaseError, DataError
 
+from gateway.intake.rows import Arrival
+from gateway.intake.writer import GroupCommit, IntakeWriter, PostgresIntakeWriter
 from gateway.models import Message, RawMessage
-from gateway.smtp.intake import Envelope
-from gateway.smtp.writer import GroupCommit, IntakeWriter, PostgresIntakeWriter
 from tests.services import require_postgres
 
 pytestmark = pytest.mark.usefixtures("scanners_off")
@@ -21,8 +21,8 @@ def message(n: int) -> bytes:
             f"Message-ID: <{n}@sender.example>\r\n\r\nBody {n}\r\n").encode()
 
 
-def envelope(n: int, recipients: int = 1) -> Envelope:
-    return Envelope(client_ip="192.0.2.7", client_name="mail.sender.example", helo="mail.sender.example",
+def envelope(n: int, recipients: int = 1) -> Arrival:
+    return Arrival(client_ip="192.0.2.7", client_name="mail.sender.example", helo="mail.sender.example",
                     sender=f"s{n}@Sender.example", recipients=[f"user{r}@Example.org" for r in range(recipients)],
                     mail_options=["BODY=8BITMIME"], checks={"spf": {"result": "pass"}},
                     added_headers="Received-SPF: pass\r\n")
@@ -250,7 +250,8 @@ def test_protocol_set_up_matches_aiosmtpd():
     aiosmtpd's own SMTP.__init__ makes of the same options (this fails when an aiosmtpd upgrade changes it)."""
     from aiosmtpd.smtp import SMTP
 
-    from gateway.smtp.server import GatewayHandler, GatewaySMTP
+    from gateway.smtp.handler import GatewayHandler
+    from gateway.smtp.protocol import GatewaySMTP
 
     async def build():
         handler = GatewayHandler()
@@ -297,7 +298,7 @@ def test_plain_addresses_take_the_quick_path_with_aiosmtpds_result(argument):
     """The quick path for plain <local@domain> paths gives what aiosmtpd's RFC 5322 parser gives."""
     from aiosmtpd.smtp import SMTP
 
-    from gateway.smtp.server import _PLAIN_PATH, GatewaySMTP
+    from gateway.smtp.protocol import _PLAIN_PATH, GatewaySMTP
 
     protocol = GatewaySMTP.__new__(GatewaySMTP)
     assert _PLAIN_PATH.match(argument)
@@ -308,6 +309,6 @@ def test_plain_addresses_take_the_quick_path_with_aiosmtpds_result(argument):
 def test_other_addresses_go_to_the_parser(argument):
     """Comments, quoting, literals, source routes, UTF-8 and broken dot-atoms are left to aiosmtpd's parser
     (and to the server's own handling of <> and of what the parser cannot read)."""
-    from gateway.smtp.server import _PLAIN_PATH
+    from gateway.smtp.protocol import _PLAIN_PATH
 
     assert _PLAIN_PATH.match(argument) is None

@@ -1,4 +1,4 @@
-"""The OpenSPF RFC 7208 test suite, every test, against `gateway.auth.spf.check_spf`.
+"""The OpenSPF RFC 7208 test suite, every test, against `gateway.mailauth.spf.check_spf`.
 
 The suite (``../shared/corpus/auth/spf/rfc7208-tests.yml``, 16 scenarios, 203 tests) gives each scenario its fake
 DNS as ``zonedata``; the DNS stub serves it on 127.0.0.1, with the suite's rule that SPF-type records are also
@@ -18,9 +18,9 @@ import pytest
 import spf as pyspf
 import yaml
 
-from gateway.auth import spf as authspf
-from gateway.auth.dns import SyncResolver
-from gateway.auth.spf import check_spf, check_spf_async
+from gateway.mailauth import spf as authspf
+from gateway.mailauth.dns import SyncResolver
+from gateway.mailauth.spf import check_spf, check_spf_async
 from tests.dnsstub import DNSStub, dns_stub  # noqa: F401  (fixture)
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "auth" / "spf" / "rfc7208-tests.yml"
@@ -151,7 +151,7 @@ def test_async_check_and_settings_resolver(zones: DNSStub, dns_stub: DNSStub, se
 
 
 def test_pyspf_dns_goes_through_our_resolver(zones: DNSStub, dns_stub: DNSStub, settings) -> None:  # noqa: F811
-    # Even a direct pyspf call (outside check_spf) resolves through gateway.auth.dns and the configured server.
+    # Even a direct pyspf call (outside check_spf) resolves through gateway.mailauth.dns and the configured server.
     assert pyspf.DNSLookup is authspf._dns_lookup
     settings.DNS_NAMESERVERS = [dns_stub.host]
     settings.DNS_PORT = dns_stub.port

@@ -1,6 +1,6 @@
 """The DNS-based checks of the SMTP server. Each returns a `CheckResult` (never raises): what it found, the
 configured action applied to it, and the time it took. DNS goes through the server's caching resolver
-(gateway.auth.dns underneath); a lookup that fails temporarily is a 'temperror', which a refusing action
+(gateway.mailauth.dns underneath); a lookup that fails temporarily is a 'temperror', which a refusing action
 turns into 451 4.4.3.
 """
 
@@ -15,10 +15,10 @@ import time
 
 import dns.reversename
 
-from gateway.auth import dkim as dkim_auth
-from gateway.auth import dmarc as dmarc_auth
-from gateway.auth.dns import Resolver, TemporaryDNSError
-from gateway.auth.spf import SPFResult, check_spf
+from gateway.mailauth import dkim as dkim_auth
+from gateway.mailauth import dmarc as dmarc_auth
+from gateway.mailauth.dns import Resolver, TemporaryDNSError
+from gateway.mailauth.spf import SPFResult, check_spf
 from gateway.mailbytes import header_section
 from gateway.models import CheckAction, Message
 

@@ -1,18 +1,35 @@
-"""The SMTP policy as the server enforces it: a snapshot of SMTPPolicy, the DNSBL zones and the patterns of
-the allow/block lists, loaded with the rest of the server's policy (gateway.smtp.intake.load_policy)."""
+"""What the SMTP server enforces, as a snapshot it reloads every SMTP_POLICY_TTL seconds: `ServerConfig`
+(our domains and their recipient check, valid recipients, trusted networks, limits) with its `CheckConfig`
+(SMTPPolicy's actions and scores, the DNSBL zones, the patterns of the allow/block lists); and the switch
+of the DNS-based checks."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import dns.resolver
 from django.conf import settings
+from django.db import close_old_connections
 from django.forms.models import model_to_dict
 
-from gateway.models import CheckAction, DNSBLZone, SMTPPolicy
+from gateway.models import (
+    CheckAction,
+    DNSBLZone,
+    Domain,
+    MailFlowSettings,
+    SenderListEntry,
+    SMTPPolicy,
+    TrustedNetwork,
+    ValidRecipient,
+)
+
+log = logging.getLogger(__name__)
 
 # Any 127.0.0.0/8 answer lists a client, except Spamhaus's error codes (127.255.255.252-255: "you ask
 # through a public resolver", "over the free limit"): those must never block mail.
@@ -71,8 +88,6 @@ def defaults() -> CheckConfig:
 
 
 def load_check_config() -> CheckConfig:
-    from quarantine.models import SenderListEntry
-
     values = model_to_dict(SMTPPolicy.load())
     zones = tuple(
         Zone(z.zone, z.action, z.score,
@@ -80,6 +95,86 @@ def load_check_config() -> CheckConfig:
         for z in DNSBLZone.objects.filter(enabled=True).exclude(action=CheckAction.OFF))
     patterns = tuple(sorted(set(SenderListEntry.objects.values_list("sender", flat=True))))
     return _config(values, zones, patterns)
+
+
+@dataclass
+class ServerConfig:
+    """A snapshot of the configuration the SMTP server checks every command against: our domains and
+    their recipient check, the valid recipients, the trusted networks, the limits, and the checks."""
+
+    domains: dict[str, str] = field(default_factory=dict)  # name → recipient check mode
+    valid_recipients: frozenset[str] = frozenset()
+    trusted: tuple = ()
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    checks: CheckConfig = field(default_factory=defaults)  # SMTPPolicy, DNSBL zones, list patterns
+    loaded_at: float = 0.0
+
+    def is_trusted(self, ip: str | None) -> bool:
+        if not ip:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain in self.domains
+
+
+def load_server_config() -> ServerConfig:
+    close_old_connections()
+    try:
+        config = MailFlowSettings.load()
+        domains = dict(Domain.objects.filter(active=True).values_list("name", "recipient_check"))
+        listed = [d for d, mode in domains.items() if mode == Domain.RecipientCheck.LIST]
+        valid = frozenset(ValidRecipient.objects.filter(domain__name__in=listed).values_list("address", flat=True))
+        trusted = tuple(ipaddress.ip_network(n) for n in TrustedNetwork.objects.values_list("network", flat=True))
+        return ServerConfig(domains=domains, valid_recipients=valid, trusted=trusted,
+                            max_message_size=config.max_message_size, max_recipients=config.max_recipients,
+                            checks=load_check_config(), loaded_at=time.monotonic())
+    finally:
+        close_old_connections()
+
+
+class ServerConfigCache:
+    """The server configuration, reloaded from the database at most every `ttl` seconds (in the background)."""
+
+    def __init__(self, ttl: float | None = None):
+        self.ttl = settings.SMTP_POLICY_TTL if ttl is None else ttl
+        self._config: ServerConfig | None = None
+        self._lock = threading.Lock()
+
+    def peek(self) -> ServerConfig | None:
+        """The snapshot in hand, without touching the database (safe on the event loop)."""
+        return self._config
+
+    def fresh(self) -> ServerConfig | None:
+        """The snapshot in hand if it is younger than the TTL: the caller need not go to a thread for it."""
+        config = self._config
+        if config is not None and time.monotonic() - config.loaded_at < self.ttl:
+            return config
+        return None
+
+    def get(self) -> ServerConfig:
+        with self._lock:
+            config = self._config
+        if config is None or time.monotonic() - config.loaded_at >= self.ttl:
+            try:
+                config = load_server_config()
+            except Exception:
+                if self._config is None:
+                    raise
+                log.exception("could not reload the SMTP server's configuration; keeping the previous one")
+                return self._config
+            with self._lock:
+                self._config = config
+        return config
+
+
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,4 @@
-"""The SMTP server's resolver: gateway.auth.dns, with a short in-process cache.
+"""The SMTP server's resolver: gateway.mailauth.dns, with a short in-process cache.
 
 A busy MX asks about the same client networks, HELO names and sender domains again and again; each answer
 (records, NXDOMAIN or NODATA) is kept `SMTP_DNS_CACHE_TTL` seconds. A temporary failure is never kept: the
@@ -12,7 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from gateway.auth.dns import Lookup, Resolver, SyncResolver
+from gateway.mailauth.dns import Lookup, Resolver, SyncResolver
 
 MAX_ENTRIES = 50_000
 

@@ -2,7 +2,7 @@
 
 import django.db.models.deletion
 import django.utils.timezone
-import quarantine.models
+import gateway.models
 from django.conf import settings
 from django.db import migrations, models
 
@@ -23,7 +23,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('kind', models.CharField(choices=[('allow', 'Allow'), ('block', 'Block')], max_length=5)),
                 ('scope', models.CharField(choices=[('global', 'Everyone'), ('domain', 'A domain'), ('user', 'One user')], default='global', max_length=6)),
-                ('sender', models.CharField(help_text='address, @domain, *.domain, IP address or CIDR network', max_length=320, validators=[quarantine.models.validate_sender_pattern])),
+                ('sender', models.CharField(help_text='address, @domain, *.domain, IP address or CIDR network', max_length=320, validators=[gateway.models.validate_sender_pattern])),
                 ('comment', models.CharField(blank=True, max_length=200)),
                 ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
                 ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),

@@ -6,7 +6,7 @@ from django import template
 from django.urls import NoReverseMatch, reverse
 from django.utils.html import format_html
 
-from gateway.models import role_of
+from gateway.access import role_of
 
 register = template.Library()
 

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from gateway.auth import dkim
+from gateway.mailauth import dkim
 from gateway.models import DKIMKey, Domain
 
 

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from gateway.scanners import clamav, spamassassin
+from gateway.scan import clamav, spamassassin
 
 
 class Command(BaseCommand):

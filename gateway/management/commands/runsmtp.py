@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from appliance.scheduling import schedule_mail_path
 from gateway.models import parse_host_port
-from gateway.smtp.server import serve
+from gateway.smtp.serve import serve
 
 
 class Command(BaseCommand):

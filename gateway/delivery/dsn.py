@@ -1,0 +1,112 @@
+"""Delivery status notifications (RFC 3464): tell the envelope sender which recipients failed.
+
+A DSN is a message of our own (direction 'dsn', null envelope sender so that it can never cause
+another one), logged and delivered like any other, without a scan.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import re
+from email.message import EmailMessage
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from gateway.dispatch import enqueue
+from gateway.mailbytes import header_section
+from gateway.models import Message, RawMessage, Recipient, Verdict
+
+ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def _status(recipient: Recipient) -> str:
+    match = ENHANCED.search(recipient.reply_text or "")
+    if match and match.group(1)[0] in "45":
+        # A DSN reports a final failure: a 4.x.x that expired is reported as its 5.x.x counterpart.
+        return "5" + match.group(1)[1:]
+    return "5.4.7" if recipient.status == Recipient.Status.EXPIRED else "5.0.0"
+
+
+def _original_headers(message: Message) -> bytes:
+    raw = RawMessage.objects.filter(message=message).values_list("data", flat=True).first()
+    if raw is None:
+        return b""
+    return header_section(bytes(raw)) + b"\r\n"
+
+
+def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:
+    host = settings.SMTP_HOSTNAME
+    boundary = f"=_dsn_{message.queue_id}_{int(timezone.now().timestamp())}"
+    lines = [
+        f"This is the mail system at {host}.",
+        "",
+        "Your message could not be delivered to one or more recipients. The reply of the",
+        "receiving server is shown below for each of them.",
+        "",
+        f"  Subject: {message.subject}",
+        f"  Queued as: {message.queue_id}, received {message.received_at:%Y-%m-%d %H:%M:%S %Z}",
+        "",
+    ]
+    for recipient in failed:
+        reason = "expired in the queue after retrying" if recipient.status == Recipient.Status.EXPIRED else "refused"
+        lines.append(f"<{recipient.address}>: {reason}: {recipient.reply_text}")
+    human = EmailMessage()
+    human.set_content("\n".join(lines) + "\n", cte="quoted-printable")
+
+    fields = [
+        f"Reporting-MTA: dns; {host}",
+        f"X-Mailgate-Queue-ID: {message.queue_id}",
+        f"Arrival-Date: {email.utils.format_datetime(message.received_at)}",
+    ]
+    for recipient in failed:
+        fields += ["", f"Final-Recipient: rfc822; {recipient.address}", "Action: failed",
+                   f"Status: {_status(recipient)}"]
+        remote = re.search(r"\(from ([^)\s]+)\)", recipient.reply_text or "")
+        if remote:
+            fields.append(f"Remote-MTA: dns; {remote.group(1).rsplit(':', 1)[0]}")
+        if recipient.reply_code:
+            diagnostic = re.sub(r"\s*\(from [^)]*\)$", "", recipient.reply_text)
+            fields.append(f"Diagnostic-Code: smtp; {' '.join(diagnostic.split())}")
+        fields.append(f"Last-Attempt-Date: {email.utils.format_datetime(timezone.now())}")
+
+    header_lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
+        f"To: <{message.envelope_sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {email.utils.formatdate(localtime=False)}",
+        f"Message-ID: {email.utils.make_msgid(domain=host)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+    ]
+    human_bytes = human.as_bytes(policy=email.policy.SMTP)
+    parts = [
+        "\r\n".join(header_lines).encode() + b"\r\n\r\nThis is a MIME-encapsulated delivery status notification.\r\n",
+        f"--{boundary}\r\n".encode() + human_bytes,
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n".encode()
+        + "\r\n".join(fields).encode("utf-8", "replace") + b"\r\n",
+        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode() + _original_headers(message),
+        f"--{boundary}--\r\n".encode(),
+    ]
+    return b"\r\n".join(p.rstrip(b"\r\n") for p in parts[:-1]) + b"\r\n" + parts[-1]
+
+
+@transaction.atomic
+def send_failure_notice(message: Message, failed: list[Recipient]) -> Message | None:
+    """Queue a DSN to the envelope sender; none for a null sender or for a DSN itself."""
+    if not message.envelope_sender or message.direction == Message.Direction.DSN:
+        return None
+    data = build_failure_notice(message, failed)
+    notice = Message.objects.create(
+        node=settings.NODE_NAME, direction=Message.Direction.DSN, state=Message.State.DELIVERING,
+        envelope_sender="", header_from=f"MAILER-DAEMON@{settings.SMTP_HOSTNAME}",
+        subject="Undelivered Mail Returned to Sender", size=len(data), verdict=Verdict.CLEAN,
+        action="deliver", scanned_at=timezone.now(), scan_notes=[f"failure notice for {message.queue_id}"])
+    RawMessage.objects.create(message=notice, data=data)
+    Recipient.objects.create(message=notice, address=message.envelope_sender.lower(), verdict=Verdict.CLEAN,
+                             action="deliver", next_attempt_at=timezone.now())
+    enqueue.delivery(notice.pk)
+    return notice

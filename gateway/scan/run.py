@@ -1,0 +1,116 @@
+"""The scan task's course: claim the message, ask the scanners, write (or hold) the verdict, and deliver
+what the verdict made due at once, with the message and its bytes in hand (docs/decisions.md: "The scan
+task delivers at once"). A scanner that does not answer defers the scan: never delivered unscanned."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from typing import NamedTuple
+
+from django.conf import settings
+from django.utils import timezone
+
+from gateway import claims
+from gateway.db import rowsql
+from gateway.delivery import attempt as delivery
+from gateway.dispatch import enqueue
+from gateway.models import MailFlowSettings, Message, RawMessage, Recipient
+
+from . import ScannerUnavailable, record, spamassassin, verdict
+
+log = logging.getLogger(__name__)
+
+
+PENDING_COLUMNS = ("id", "address", "domain", "attempts", "released")
+
+
+class ScanClaim(NamedTuple):
+    message: Message
+    raw: bytes
+    recipient_count: int
+    # The recipients waiting for this scan's verdict (PostgreSQL; None elsewhere), for a delivery that
+    # follows the scan before its verdict is written (gateway.scan.record.HeldVerdict).
+    pending: list[Recipient] | None
+
+
+def claim_scan(message_id: int) -> ScanClaim | None:
+    """Claim the message for a scan (received or scan-deferred → scanning, one more attempt) and read it,
+    its raw bytes, its number of recipients and (PostgreSQL) its pending recipients, in one statement;
+    None when it is not there to claim."""
+    message_table, raw_table, recipient_table = (rowsql.table(m) for m in (Message, RawMessage, Recipient))
+    message_id_column = f"{message_table}.{rowsql.column(Message, 'id')}"
+    attempts = rowsql.column(Message, "attempts")
+    of_message = f"{rowsql.column(Recipient, 'message')} = {message_id_column}"
+    extra = [f"(SELECT {rowsql.column(RawMessage, 'data')} FROM {raw_table} "
+             f"WHERE {rowsql.column(RawMessage, 'message')} = {message_id_column})",
+             f"(SELECT COUNT(*) FROM {recipient_table} WHERE {of_message})"]
+    if rowsql.writes_in_one_statement():
+        columns = ", ".join(rowsql.column(Recipient, name) for name in PENDING_COLUMNS)
+        # The status is one of our own constants, written into the text (the statement stays the same), and
+        # checked the way state_is() does: found by the message, not through recipient_due's dead entries.
+        extra.append(f"(SELECT json_agg(json_build_array({columns}) ORDER BY {rowsql.column(Recipient, 'id')})::text "
+                     f"FROM {recipient_table} WHERE {of_message} "
+                     f"AND ({rowsql.column(Recipient, 'status')} = '{Recipient.Status.PENDING.value}') IS TRUE)")
+    rows = rowsql.update_returning(
+        Message,
+        {"state": Message.State.SCANNING, "claimed_at": timezone.now(), "attempts": rowsql.Raw(f"{attempts} + 1")},
+        f"{message_id_column} = %s AND {rowsql.state_is(Message, 'state', 2)}",
+        [message_id, Message.State.RECEIVED, Message.State.SCAN_DEFERRED], extra=extra)
+    if not rows:
+        return None
+    ((message, (raw, recipient_count, *pending)),) = rows
+    return ScanClaim(message, bytes(raw or b""), int(recipient_count),
+                     _pending_recipients(message, pending[0]) if pending else None)
+
+
+def _pending_recipients(message: Message, listed: str | None) -> list[Recipient]:
+    """The claim's JSON list of pending recipients as instances (the other fields have their values of a
+    recipient not yet scanned: no verdict, action, reply or claim)."""
+    return [Recipient(message=message, status=Recipient.Status.PENDING, **dict(zip(PENDING_COLUMNS, row, strict=True)))
+            for row in json.loads(listed or "[]")]
+
+
+def run_scan(message_id: int) -> str:
+    claimed = claim_scan(message_id)
+    if claimed is None:
+        return "taken" if Message.objects.filter(pk=message_id).exists() else "gone"
+    message, raw, recipient_count, pending = claimed
+    config = MailFlowSettings.cached()
+    try:
+        outcome = verdict.scan(message, raw, config)
+    except ScannerUnavailable as exc:
+        # Not delivered unscanned: the message waits, visibly, and is tried again later.
+        delay = claims.backoff(message.attempts, settings.SCAN_RETRY_BASE, settings.SCAN_RETRY_MAX)
+        Message.objects.filter(pk=message.pk, state=Message.State.SCANNING, claimed_at=message.claimed_at).update(
+            state=Message.State.SCAN_DEFERRED, last_error=str(exc)[:2000], claimed_at=None,
+            next_attempt_at=timezone.now() + timedelta(seconds=delay))
+        log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
+        enqueue.scan(message.pk, countdown=delay)
+        return "deferred"
+    held = record.hold_verdict(message, outcome, config, pending)
+    if held is not None:
+        # Delivered under the scan's claim, the verdict written with the delivery's outcome: one write
+        # fewer per message (gateway.scan.record.HeldVerdict).
+        delivery.deliver(message, raw, recipient_count=recipient_count, held=held)
+        return message.verdict
+    applied = record.apply_verdict(message, outcome, config)
+    if applied is None:
+        return "taken"  # the claim went stale and another worker scanned it meanwhile
+    if applied.deliver:
+        # Delivered here and now, with the message, its bytes and (usually) its claimed recipients in hand:
+        # no second task, no second read. A failure leaves the recipients due, and deliver_message / the
+        # sweeper retries them.
+        delivery.deliver(message, raw, recipient_count=recipient_count, claimed=applied.claimed)
+    return message.verdict
+
+
+def learn(message_id: int, as_spam: bool) -> None:
+    """Teach spamd's Bayes filter that a stored message is spam, or ham (TELL)."""
+    stored = RawMessage.objects.filter(message_id=message_id).values_list("data", "message__added_headers").first()
+    if stored is None or not spamassassin.configured():
+        return
+    raw, added_headers = stored
+    # Learnt as it was scanned: the connecting client's relay is among the tokens Bayes keeps.
+    spamassassin.tell(verdict.spamd_input(added_headers, bytes(raw)), as_spam=as_spam)

@@ -1,0 +1,147 @@
+"""The verdict on a message: what ClamAV, the attachment rules and SpamAssassin find (`scan`), and for
+each recipient what follows after the allow and block lists (`recipient_verdict`, grouped by
+`verdict_for_all` / `verdicts_after_lists`). Nothing here writes: gateway.scan.record does."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from django.conf import settings
+
+from gateway.mailbytes import first_received
+from gateway.models import Action, MailFlowSettings, Message, Recipient, Verdict
+from gateway.policy.lists import list_decision
+
+from . import attachments, clamav, spamassassin
+
+VERDICT_RANK = [Verdict.VIRUS, Verdict.BLOCKED_ATTACHMENT, Verdict.BLOCKED_SENDER, Verdict.HIGH_SPAM, Verdict.SPAM,
+                Verdict.CLEAN]
+
+
+@dataclass
+class ScanOutcome:
+    verdict: str
+    spam_score: float | None = None
+    spam_threshold: float | None = None
+    spam_rules: list[dict] = field(default_factory=list)
+    virus_names: list[str] = field(default_factory=list)
+    attachments: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
+    """Ask every configured scanner about the message. Raises ScannerUnavailable when one is down."""
+    outcome = ScanOutcome(verdict=Verdict.CLEAN)
+
+    started = time.monotonic()
+    if clamav.configured():
+        result = clamav.scan(raw)
+        outcome.virus_names = result.virus_names
+        outcome.notes += result.errors
+        outcome.timings["clamav"] = round(time.monotonic() - started, 4)
+    else:
+        outcome.notes.append("virus scan off: CLAMD_URL is not configured")
+
+    started = time.monotonic()
+    report = attachments.AttachmentScanner(config.blocked_attachment_patterns(),
+                                           block_executables=config.block_executables_by_content).scan(raw)
+    outcome.attachments = report.attachments
+    outcome.notes += report.notes
+    outcome.timings["attachments"] = round(time.monotonic() - started, 4)
+
+    if outcome.virus_names:
+        # A virus is quarantined whatever SpamAssassin would say: no need to spend spamd's time on it.
+        outcome.verdict = Verdict.VIRUS
+        return outcome
+
+    if spamassassin.configured():
+        if len(raw) > settings.SPAMD_MAX_SIZE:
+            outcome.notes.append(f"spam scan skipped: the message is larger than {settings.SPAMD_MAX_SIZE} bytes")
+        else:
+            started = time.monotonic()
+            spam = spamassassin.check(spamd_input(message.added_headers, raw))
+            outcome.spam_score, outcome.spam_rules = spam.score, spam.rules
+            outcome.spam_threshold = config.spam_threshold
+            outcome.timings["spamassassin"] = round(time.monotonic() - started, 4)
+    else:
+        outcome.notes.append("spam scan off: SPAMD_URL is not configured")
+
+    # The SMTP-time checks whose action is "add to the score" (docs/smtp-policy.md) count like a rule.
+    smtp_score = float((message.checks or {}).get("score") or 0.0)
+    if smtp_score:
+        outcome.spam_score = round((outcome.spam_score or 0.0) + smtp_score, 3)
+        outcome.spam_threshold = config.spam_threshold
+        outcome.spam_rules = [*outcome.spam_rules, {"name": "MAILGATE_SMTP_CHECKS", "score": smtp_score,
+                                                    "description": "SMTP-time checks (SPF, DMARC, DNSBL, ...)"}]
+
+    if report.blocked:
+        outcome.verdict = Verdict.BLOCKED_ATTACHMENT
+    elif outcome.spam_score is not None and outcome.spam_score >= config.high_spam_threshold:
+        outcome.verdict = Verdict.HIGH_SPAM
+    elif outcome.spam_score is not None and outcome.spam_score >= config.spam_threshold:
+        outcome.verdict = Verdict.SPAM
+    return outcome
+
+
+def spamd_input(added_headers: str, raw: bytes) -> bytes:
+    """The message as SpamAssassin should see it: with our Received field in front, as an MTA hands it
+    to a content filter. Without it SpamAssassin cannot tell the connecting client (its address, reverse
+    name and HELO): the rules on the last untrusted relay (RDNS_NONE, the HELO rules; with network tests
+    on, the RCVD_IN_* blocklists) judge whatever relays the sender wrote into the message instead, and
+    Bayes never learns the sending host. Only that field: the Received-SPF and Authentication-Results we
+    add report the SMTP-time checks, which add to the score on their own (docs/smtp-policy.md)."""
+    return first_received(added_headers) + raw
+
+
+def recipient_verdict(message: Message, recipient: Recipient, verdict: str) -> tuple[str, str]:
+    """The verdict for one recipient after the lists: (verdict, why)."""
+    entry = list_decision(message.envelope_sender, message.client_ip, recipient.address)
+    if entry is None:
+        return verdict, ""
+    where = f"{entry.get_scope_display().lower()} {entry.kind} list: {entry.sender}"
+    if entry.kind == entry.Kind.BLOCK:
+        if verdict in (Verdict.VIRUS, Verdict.BLOCKED_ATTACHMENT):
+            return verdict, where
+        return Verdict.BLOCKED_SENDER, where
+    # Allowed senders skip the spam verdicts; a virus or a blocked attachment is still held.
+    if verdict in (Verdict.SPAM, Verdict.HIGH_SPAM):
+        return Verdict.CLEAN, where
+    return verdict, where
+
+
+RECIPIENT_STATUS = {
+    Action.DELIVER: Recipient.Status.PENDING,
+    Action.TAG: Recipient.Status.PENDING,
+    Action.QUARANTINE: Recipient.Status.QUARANTINED,
+    Action.DELETE: Recipient.Status.DELETED,
+}
+
+
+def worst(verdicts) -> str:
+    present = set(verdicts)
+    return next((v for v in VERDICT_RANK if v in present), Verdict.CLEAN)
+
+
+# A verdict for a group of recipients: (verdict, action, status), and the ids of the recipients it is for
+# (None: every pending recipient of the message).
+Groups = dict[tuple[str, str, str], list[int] | None]
+
+
+def verdict_for_all(outcome: ScanOutcome, config: MailFlowSettings) -> tuple[str, str, str]:
+    """(verdict, action, status) of every pending recipient when no list entry tells them apart."""
+    action = config.action_for(outcome.verdict)
+    return outcome.verdict, action, RECIPIENT_STATUS[action]
+
+
+def verdicts_after_lists(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> Groups:
+    """Allow/block entries exist: each pending recipient's verdict after the lists, grouped."""
+    groups: Groups = {}
+    for recipient in message.recipients.filter(status=Recipient.Status.PENDING):
+        verdict, why = recipient_verdict(message, recipient, outcome.verdict)
+        action = config.action_for(verdict)
+        groups.setdefault((verdict, action, RECIPIENT_STATUS[action]), []).append(recipient.pk)
+        if why:
+            outcome.notes.append(f"{recipient.address}: {why}")
+    return groups
