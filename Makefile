@@ -31,8 +31,9 @@ test: $(VENV)/.installed  ## run the whole test suite (services it finds are use
 screenshots: $(VENV)/.installed  ## retake docs/screenshots/ from the browser tests
 	UPDATE_SCREENSHOTS=1 DATABASE_URL="$(TEST_DATABASE_URL)" $(PY) -m pytest -m browser $(PYTEST_ARGS)
 
-lint: $(VENV)/.installed  ## ruff
+lint: $(VENV)/.installed  ## ruff, and the architecture rules of pyproject.toml (import-linter; docs/architecture.md)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 migrate: $(VENV)/.installed  ## apply database migrations
 	$(PY) manage.py migrate

@@ -1,6 +1,6 @@
 """The path every message takes, scan then delivery in one task: few statements, and claims that hold.
 
-The statements are hand-written `UPDATE … RETURNING` (gateway/rowsql.py); these tests pin how many a
+The statements are hand-written `UPDATE … RETURNING` (gateway/db/statements.py); these tests pin how many a
 message costs and that each claim still moves only what it owns.
 """
 
@@ -140,11 +140,12 @@ def test_a_delivery_is_recorded_once_the_database_answers_again(received, captur
     again until it succeeds, so the mail is not sent a second time once its claim is stale."""
     from django.db import OperationalError
 
-    from gateway.db import rowsql
+    from gateway.db import statements
+    from gateway.delivery import record as delivery_record
 
-    monkeypatch.setattr(delivery_attempt.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(delivery_record.time, "sleep", lambda seconds: None)
     failures = {"held": 1, "deferral": 1}
-    write_delivered, update = scan_record.HeldVerdict.write_delivered, rowsql.update
+    write_delivered, write_outcome = scan_record.HeldVerdict.write_delivered, statements.write_outcome
 
     def down_once(kind):
         if failures[kind]:
@@ -155,13 +156,13 @@ def test_a_delivery_is_recorded_once_the_database_answers_again(received, captur
         down_once("held")
         return write_delivered(self, *args)
 
-    def flaky_update(model, values, *args, **kwargs):
-        if model is Recipient and values.get("status") == Recipient.Status.DEFERRED:
+    def flaky_write_outcome(ids, claimed_at, outcome):
+        if outcome.get("status") == Recipient.Status.DEFERRED:
             down_once("deferral")
-        return update(model, values, *args, **kwargs)
+        return write_outcome(ids, claimed_at, outcome)
 
     monkeypatch.setattr(scan_record.HeldVerdict, "write_delivered", flaky_write_delivered)
-    monkeypatch.setattr(rowsql, "update", flaky_update)
+    monkeypatch.setattr(statements, "write_outcome", flaky_write_outcome)
     delivered = received()
     scan_run.run_scan(delivered.pk)
     capture_server.handler.data_script.append("451 4.3.0 try later")
@@ -184,10 +185,11 @@ def test_a_held_verdict_committed_before_the_connection_dropped_is_not_written_a
     (and does not take the message for one without pending recipients)."""
     from django.db import OperationalError
 
+    from gateway.delivery import record as delivery_record
 
     if connection.vendor != "postgresql":
         pytest.skip("the verdict is held back on PostgreSQL only")
-    monkeypatch.setattr(delivery_attempt.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(delivery_record.time, "sleep", lambda seconds: None)
     in_one_statement, dropped = scan_record._in_one_statement, []
 
     def answer_lost(*args):

@@ -1,15 +1,12 @@
-"""Hand-written UPDATE statements for the path every message takes (scan, verdict, delivery).
-
-The ORM builds each statement anew (~0.5-1 ms of Python per statement) and has no `UPDATE … RETURNING`,
-so a claim costs it an UPDATE plus a SELECT. These helpers write the SQL once from the model's own
-metadata (table and column names, each field's conversion of values to and from the database), so
-they work on PostgreSQL and on SQLite (3.35+, `make run`) alike, and return model instances as the ORM
-would.
+"""What the hand-written statements (gateway.db.statements) need of the database and the models: quoted
+table and column names from the models' own metadata, each field's conversion of values to the database
+and of returned rows back to model instances (as the ORM would), and a cursor that sends the statements
+as server-side prepared statements on PostgreSQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from typing import Any, TypeVar
 
@@ -36,7 +33,7 @@ def column(model: type[models.Model], name: str, using: str = "default") -> str:
 
 
 @cache
-def _returning(model: type[models.Model], using: str) -> tuple[str, tuple, tuple]:
+def returning(model: type[models.Model], using: str = "default") -> tuple[str, tuple, tuple]:
     """`RETURNING` list of every concrete column, their attribute names, and each one's converters."""
     connection = connections[using]
     fields = model._meta.concrete_fields
@@ -46,18 +43,6 @@ def _returning(model: type[models.Model], using: str) -> tuple[str, tuple, tuple
         col = f.get_col(model._meta.db_table)
         converters.append((col, tuple(connection.ops.get_db_converters(col) + f.get_db_converters(connection))))
     return sql, tuple(f.attname for f in fields), tuple(converters)
-
-
-def state_is(model: type[models.Model], name: str, count: int = 1, using: str = "default") -> str:
-    """`(<column> IN (%s, …)) IS TRUE`: a state check the planner cannot answer from an index.
-
-    Every message passes through each state, so an index led by the state column (message_due,
-    recipient_due) holds many dead entries for 'scanning', 'delivering' … until VACUUM; with a plain
-    `state = %s` beside `id = %s`, PostgreSQL costs both indexes alike and often walks the state one
-    (measured: 1.2 ms instead of 0.03 ms per UPDATE). Written this way, the row is found by its key and
-    the state only checked on it.
-    """
-    return f"({column(model, name, using)} IN ({', '.join(['%s'] * count)})) IS TRUE"
 
 
 _AS_IS = (str, int, float, bool, type(None))
@@ -81,26 +66,6 @@ def value(model: type[models.Model], name: str, data: Any, using: str = "default
     return model._meta.get_field(name).get_db_prep_save(data, connection=connections[using])
 
 
-def assignments(model: type[models.Model], values: dict[str, Any], using: str = "default") -> tuple[str, list]:
-    """`col = %s, …` and its parameters; a value that is an SQL snippet wrapped in `Raw` goes in as is."""
-    parts, params = [], []
-    for name, data in values.items():
-        if isinstance(data, Raw):
-            parts.append(f"{column(model, name, using)} = {data.sql}")
-            params.extend(data.params)
-        else:
-            parts.append(f"{column(model, name, using)} = %s")
-            params.append(value(model, name, data, using))
-    return ", ".join(parts), params
-
-
-class Raw:
-    """An SQL expression in a SET list, such as `attempts + 1`."""
-
-    def __init__(self, sql: str, params: Sequence[Any] = ()):
-        self.sql, self.params = sql, list(params)
-
-
 # psycopg's prepare_threshold for a connection whose chosen statements are prepared (execute(...,
 # prepare=True)) and whose others never are: Django's own (None) turns preparing off altogether.
 PREPARE_WHEN_ASKED = 2**31
@@ -111,7 +76,7 @@ def prepares_statements() -> bool:
     return settings.DB_PREPARED_STATEMENTS
 
 
-def _cursor(using: str):
+def cursor(using: str = "default"):
     """A cursor for these statements: on PostgreSQL (psycopg 3) one that sends them as server-side
     prepared statements, elsewhere the connection's usual cursor.
 
@@ -159,65 +124,19 @@ def _prepared_cursor_class() -> type | None:
     return PreparedCursor
 
 
-class With:
-    """A data-modifying `WITH name AS (…)` put in front of an UPDATE (PostgreSQL only), and joined to it
-    with `FROM name`: two writes in one statement, so one round trip and one commit, atomic without a
-    transaction block."""
-
-    def __init__(self, name: str, sql: str, params: Sequence[Any] = ()):
-        self.name, self.sql, self.params = name, sql, list(params)
-
-
-def _statement(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any],
-               with_: With | None, using: str) -> tuple[str, list]:
-    sets, set_params = assignments(model, values, using)
-    head, from_, head_params = "", "", []
-    if with_ is not None:
-        head, from_, head_params = f"WITH {with_.name} AS ({with_.sql}) ", f" FROM {with_.name}", with_.params
-    return (f"{head}UPDATE {table(model, using)} SET {sets}{from_} WHERE {where}",
-            [*head_params, *set_params, *params])
-
-
-def update_sql(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any] = (),
-               returning: str = "", using: str = "default") -> tuple[str, list]:
-    """The text and parameters of `UPDATE … [RETURNING …]`, to go inside a `With`."""
-    sql, all_params = _statement(model, values, where, params, None, using)
-    return (f"{sql} RETURNING {returning}" if returning else sql), all_params
-
-
 def writes_in_one_statement(using: str = "default") -> bool:
     """Whether the database runs a data-modifying WITH (PostgreSQL does; SQLite does not)."""
     return connections[using].vendor == "postgresql"
 
 
-def update(model: type[models.Model], values: dict[str, Any], where: str, params: Iterable[Any] = (),
-           using: str = "default", with_: With | None = None) -> int:
-    """`UPDATE table SET … WHERE <where>`; the number of rows changed."""
-    sql, all_params = _statement(model, values, where, params, with_, using)
-    with _cursor(using) as cursor:
-        cursor.execute(sql, all_params)
-        return cursor.rowcount
-
-
-def update_returning(model: type[M], values: dict[str, Any], where: str, params: Iterable[Any] = (),
-                     extra: Sequence[str] = (), using: str = "default",
-                     with_: With | None = None) -> list[tuple[M, tuple]]:
-    """`UPDATE … RETURNING` every column (and the `extra` expressions): the changed rows as instances,
-    each with the values of its extra expressions. This is a claim and the read of what it claimed in
-    one statement: only the rows this very statement moved come back."""
+def from_row(model: type[M], row: Sequence[Any], using: str = "default") -> tuple[M, tuple]:
+    """A row that starts with `returning(model)`'s columns, as an instance (converted as the ORM converts
+    what it reads), and the values of the row's further columns."""
     connection = connections[using]
-    returning, names, converters = _returning(model, using)
-    sql, all_params = _statement(model, values, where, params, with_, using)
-    extras = "".join(f", {expression}" for expression in extra)
-    with _cursor(using) as cursor:
-        cursor.execute(f"{sql} RETURNING {returning}{extras}", all_params)
-        rows = cursor.fetchall()
-    out = []
+    _, names, converters = returning(model, using)
     width = len(names)
-    for row in rows:
-        values_in = list(row[:width])
-        for index, (col, funcs) in enumerate(converters):
-            for func in funcs:
-                values_in[index] = func(values_in[index], col, connection)
-        out.append((model.from_db(using, names, values_in), tuple(row[width:])))
-    return out
+    values_in = list(row[:width])
+    for index, (col, funcs) in enumerate(converters):
+        for func in funcs:
+            values_in[index] = func(values_in[index], col, connection)
+    return model.from_db(using, names, values_in), tuple(row[width:])

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import psycopg
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
-from gateway.db import rowsql
+from gateway.db import rowsql, statements
 from gateway.dispatch import enqueue
 from gateway.dispatch.scans import ScanSender
-from gateway.models import Message, RawMessage, Recipient
+from gateway.models import Message, Recipient
 
 from .rows import Arrival, new_message, new_row_fields
 from .store import store_messages
@@ -159,7 +159,7 @@ class PostgresIntakeWriter(IntakeWriter):
         params.setdefault("connect_timeout", 10)
         params.setdefault("application_name", "mailgate smtp intake")  # to be found in pg_stat_activity
         # Django turns prepared statements off (prepare_threshold None); this connection's one statement is
-        # prepared on its first use (prepare=True below), as the worker's are (rowsql._cursor): parsing and
+        # prepared on its first use (prepare=True below), as the worker's are (rowsql.cursor): parsing and
         # planning it anew was a third of PostgreSQL's CPU for a message written alone.
         # DB_PREPARED_STATEMENTS = False (a transaction-mode pooler) keeps it unprepared.
         params["prepare_threshold"] = rowsql.PREPARE_WHEN_ASKED if rowsql.prepares_statements() else None
@@ -196,21 +196,8 @@ class PostgresIntakeWriter(IntakeWriter):
 
     def _statement(self) -> str:
         if self._sql is None:
-            def columns(model, prefix: str = "") -> str:
-                return ", ".join(prefix + rowsql.quote(f.column, self.alias) for f in new_row_fields(model))
-
-            message, raw, recipient = (rowsql.table(m, self.alias) for m in (Message, RawMessage, Recipient))
-            self._sql = (
-                "WITH d AS (SELECT %s::jsonb AS doc), "
-                f"m AS (INSERT INTO {message} ({columns(Message)}) SELECT {columns(Message, 'u.')} "
-                f"FROM jsonb_populate_recordset(NULL::{message}, (SELECT doc FROM d)) u RETURNING id, queue_id), "
-                f"r AS (INSERT INTO {raw} (message_id, data) SELECT m.id, u.data "
-                "FROM unnest(%s::varchar[], %b::bytea[]) AS u(queue_id, data) JOIN m USING (queue_id)), "
-                f"t AS (INSERT INTO {recipient} (message_id, {columns(Recipient)}) "
-                f"SELECT m.id, {columns(Recipient, 'u.')} FROM jsonb_array_elements((SELECT doc FROM d)) e "
-                "JOIN m ON m.queue_id = e->>'queue_id' "
-                f"CROSS JOIN LATERAL jsonb_populate_recordset(NULL::{recipient}, e->'recipients') u) "
-                "SELECT id, queue_id FROM m")
+            self._sql = statements.intake_batch({model: new_row_fields(model) for model in (Message, Recipient)},
+                                                self.alias)
         return self._sql
 
 

@@ -17,18 +17,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from gateway.claims import far_from_stale
-from gateway.db import rowsql
+from gateway.db import statements
 from gateway.models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict
 from gateway.policy.lists import lists_are_empty
 
 from .verdict import Groups, ScanOutcome, verdict_for_all, verdicts_after_lists, worst
 
 log = logging.getLogger(__name__)
-
-
-MESSAGE_VERDICT_FIELDS = ("verdict", "action", "spam_score", "spam_threshold", "spam_rules", "virus_names",
-                          "attachments", "scan_notes", "checks", "scanned_at", "last_error", "next_attempt_at",
-                          "quarantined", "state", "completed_at")
 
 
 def _outcome_to_message(message: Message, outcome: ScanOutcome, groups: Iterable[tuple[str, str, str]],
@@ -52,16 +47,6 @@ def _outcome_to_message(message: Message, outcome: ScanOutcome, groups: Iterable
     else:
         message.state = Message.State.DELETED
         message.completed_at = now
-
-
-def _pending_of(message: Message, ids: list[int] | None = None) -> tuple[str, list]:
-    """WHERE clause and parameters for the message's pending recipients (those of `ids` only, if given)."""
-    where = f"{rowsql.column(Recipient, 'message')} = %s AND {rowsql.state_is(Recipient, 'status')}"
-    params: list = [message.pk, Recipient.Status.PENDING]
-    if ids is not None:
-        where += f" AND {rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))})"
-        params += ids
-    return where, params
 
 
 @dataclass
@@ -90,7 +75,7 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     else:
         groups = verdicts_after_lists(message, outcome, config)
     _outcome_to_message(message, outcome, groups, config, now)
-    if len(groups) == 1 and message.state != Message.State.DELETED and rowsql.writes_in_one_statement():
+    if len(groups) == 1 and message.state != Message.State.DELETED and statements.joined():
         result = _in_one_statement(message, outcome, config, groups, now)
     else:
         result = _in_a_transaction(message, outcome, config, groups, now)
@@ -109,7 +94,7 @@ def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSetting
     """The verdict held back for the delivery that follows, when the path allows it (see HeldVerdict):
     PostgreSQL, no allow/block entry (one verdict for every pending recipient), an action that delivers,
     recipients pending, and a scan claim far from stale. None: apply_verdict() writes it now."""
-    if not pending or not rowsql.writes_in_one_statement() or not lists_are_empty():
+    if not pending or not statements.joined() or not lists_are_empty():
         return None
     now = timezone.now()
     key = verdict_for_all(outcome, config)
@@ -155,7 +140,7 @@ class HeldVerdict:
     def write(self) -> Applied | None:
         """The verdict, its recipients claimed for this delivery; None when the scan's claim was lost.
 
-        Called again after a connection lost mid-statement (delivery._recorded), it first looks whether the
+        Called again after a connection lost mid-statement (gateway.delivery.record.retrying), it first looks whether the
         earlier call was committed: the verdict's timestamp is this scan's own."""
         if self.tried and Message.objects.filter(pk=self.message.pk, scanned_at=self.now).exists():
             return Applied(True)
@@ -171,15 +156,9 @@ class HeldVerdict:
         written)."""
         message = self.message
         fields = {**_verdict_fields(message), "state": Message.State.DELIVERED, "completed_at": completed_at}
-        sql, params = rowsql.update_sql(Message, fields, *_claim_check(message), returning=rowsql.column(Message, "id"))
-        recipients = rowsql.table(Recipient)
-        where = (f"{recipients}.{rowsql.column(Recipient, 'message')} = scanned.{rowsql.column(Message, 'id')} "
-                 f"AND {rowsql.state_is(Recipient, 'status')} "
-                 f"AND {recipients}.{rowsql.column(Recipient, 'id')} IN ({', '.join(['%s'] * len(ids))})")
-        count = rowsql.update(Recipient, {"verdict": self.key[0], "action": self.key[1], **values}, where,
-                              [Recipient.Status.PENDING, *ids], with_=rowsql.With("scanned", sql, params))
-        if not count and not Message.objects.filter(pk=message.pk, state=Message.State.DELIVERED,
-                                                    scanned_at=self.now).exists():
+        count = statements.write_verdict_delivered(message.pk, message.claimed_at, fields, self.key[0], self.key[1],
+                                                   values, ids)
+        if not count and not statements.verdict_written(message.pk, Message.State.DELIVERED, self.now):
             return None
         message.state, message.completed_at = Message.State.DELIVERED, completed_at
         _log_verdict(message)
@@ -194,46 +173,22 @@ def _recipient_values(verdict: str, action: str, status: str, now) -> dict:
     return {"verdict": verdict, "action": action, "status": status, "next_attempt_at": None}
 
 
-def _claim_check(message: Message) -> tuple[str, list]:
-    return (f"{rowsql.column(Message, 'id')} = %s AND {rowsql.state_is(Message, 'state')} "
-            f"AND {rowsql.column(Message, 'claimed_at')} = %s",
-            [message.pk, Message.State.SCANNING, rowsql.value(Message, "claimed_at", message.claimed_at)])
-
-
 def _verdict_fields(message: Message) -> dict:
-    return {name: getattr(message, name) for name in MESSAGE_VERDICT_FIELDS}
-
-
-def _write_group(message: Message, key: tuple[str, str, str], ids: list[int] | None, now, *,
-                 with_: rowsql.With | None = None) -> tuple[int, list[Recipient]]:
-    """One group's UPDATE: how many recipients it changed, and those it claimed for delivery."""
-    values = _recipient_values(*key, now)
-    if with_ is not None:
-        # Joined to the message's UPDATE: no recipient changes unless the message did.
-        where = (f"{rowsql.table(Recipient)}.{rowsql.column(Recipient, 'message')} = {with_.name}."
-                 f"{rowsql.column(Message, 'id')} AND {rowsql.state_is(Recipient, 'status')}")
-        params: list = [Recipient.Status.PENDING]
-    else:
-        where, params = _pending_of(message, ids)
-    if values["status"] != Recipient.Status.DELIVERING:
-        return rowsql.update(Recipient, values, where, params, with_=with_), []
-    rows = rowsql.update_returning(Recipient, values, where, params, with_=with_)
-    return len(rows), sorted((r for r, _ in rows), key=lambda r: r.pk)
+    return {name: getattr(message, name) for name in statements.VERDICT_FIELDS}
 
 
 def _in_one_statement(message: Message, outcome: ScanOutcome, config: MailFlowSettings, groups: Groups,
                       now) -> Applied | None:
-    """PostgreSQL, one group: the message's UPDATE under the claim as a WITH, its pending recipients' UPDATE
-    joined to it: both or neither, in one statement and one commit, without a transaction block (BEGIN
-    and COMMIT are round trips of their own)."""
-    ((key, ids),) = groups.items()
-    sql, params = rowsql.update_sql(Message, _verdict_fields(message), *_claim_check(message),
-                                    returning=rowsql.column(Message, "id"))
-    count, claimed = _write_group(message, key, ids, now, with_=rowsql.With("scanned", sql, params))
+    """PostgreSQL, one group: the message's verdict under the claim and its pending recipients', both or
+    neither, in one statement and one commit, without a transaction block (BEGIN and COMMIT are round
+    trips of their own)."""
+    ((key, _),) = groups.items()
+    count, claimed = statements.write_verdict_and_group(message.pk, message.claimed_at, _verdict_fields(message),
+                                                        _recipient_values(*key, now))
     if count:
         return Applied(bool(claimed), claimed or None)
     # No recipient row changed: the claim was lost (nothing written), or none was pending (written).
-    if not Message.objects.filter(pk=message.pk, state=message.state, scanned_at=now).exists():
+    if not statements.verdict_written(message.pk, message.state, now):
         return None
     with transaction.atomic():
         return _no_recipient_pending(message, outcome, config, now)
@@ -243,11 +198,11 @@ def _in_one_statement(message: Message, outcome: ScanOutcome, config: MailFlowSe
 def _in_a_transaction(message: Message, outcome: ScanOutcome, config: MailFlowSettings, groups: Groups,
                       now) -> Applied | None:
     """Elsewhere (SQLite), with several groups, or for the delete action: the message, then each group."""
-    if not rowsql.update(Message, _verdict_fields(message), *_claim_check(message)):
+    if not statements.write_verdict(message.pk, message.claimed_at, _verdict_fields(message)):
         return None
     count, claimed = 0, []
     for key, ids in groups.items():
-        changed, mine = _write_group(message, key, ids, now)
+        changed, mine = statements.write_group(message.pk, _recipient_values(*key, now), ids)
         count, claimed = count + changed, claimed + mine
     if not count:
         return _no_recipient_pending(message, outcome, config, now)
@@ -258,7 +213,7 @@ def _in_a_transaction(message: Message, outcome: ScanOutcome, config: MailFlowSe
 def _no_recipient_pending(message: Message, outcome: ScanOutcome, config: MailFlowSettings, now) -> Applied:
     """No recipient was pending: nothing to deliver or hold (the message was all but empty)."""
     _outcome_to_message(message, outcome, (), config, now)
-    rowsql.update(Message, _verdict_fields(message), f"{rowsql.column(Message, 'id')} = %s", [message.pk])
+    statements.write_verdict_unclaimed(message.pk, _verdict_fields(message))
     _discard_if_deleted(message)
     return Applied(False)
 

@@ -4,7 +4,6 @@ task delivers at once"). A scanner that does not answer defers the scan: never d
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import timedelta
 from typing import NamedTuple
@@ -13,7 +12,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from gateway import claims
-from gateway.db import rowsql
+from gateway.db import statements
 from gateway.delivery import attempt as delivery
 from gateway.dispatch import enqueue
 from gateway.models import MailFlowSettings, Message, RawMessage, Recipient
@@ -21,9 +20,6 @@ from gateway.models import MailFlowSettings, Message, RawMessage, Recipient
 from . import ScannerUnavailable, record, spamassassin, verdict
 
 log = logging.getLogger(__name__)
-
-
-PENDING_COLUMNS = ("id", "address", "domain", "attempts", "released")
 
 
 class ScanClaim(NamedTuple):
@@ -39,37 +35,13 @@ def claim_scan(message_id: int) -> ScanClaim | None:
     """Claim the message for a scan (received or scan-deferred → scanning, one more attempt) and read it,
     its raw bytes, its number of recipients and (PostgreSQL) its pending recipients, in one statement;
     None when it is not there to claim."""
-    message_table, raw_table, recipient_table = (rowsql.table(m) for m in (Message, RawMessage, Recipient))
-    message_id_column = f"{message_table}.{rowsql.column(Message, 'id')}"
-    attempts = rowsql.column(Message, "attempts")
-    of_message = f"{rowsql.column(Recipient, 'message')} = {message_id_column}"
-    extra = [f"(SELECT {rowsql.column(RawMessage, 'data')} FROM {raw_table} "
-             f"WHERE {rowsql.column(RawMessage, 'message')} = {message_id_column})",
-             f"(SELECT COUNT(*) FROM {recipient_table} WHERE {of_message})"]
-    if rowsql.writes_in_one_statement():
-        columns = ", ".join(rowsql.column(Recipient, name) for name in PENDING_COLUMNS)
-        # The status is one of our own constants, written into the text (the statement stays the same), and
-        # checked the way state_is() does: found by the message, not through recipient_due's dead entries.
-        extra.append(f"(SELECT json_agg(json_build_array({columns}) ORDER BY {rowsql.column(Recipient, 'id')})::text "
-                     f"FROM {recipient_table} WHERE {of_message} "
-                     f"AND ({rowsql.column(Recipient, 'status')} = '{Recipient.Status.PENDING.value}') IS TRUE)")
-    rows = rowsql.update_returning(
-        Message,
-        {"state": Message.State.SCANNING, "claimed_at": timezone.now(), "attempts": rowsql.Raw(f"{attempts} + 1")},
-        f"{message_id_column} = %s AND {rowsql.state_is(Message, 'state', 2)}",
-        [message_id, Message.State.RECEIVED, Message.State.SCAN_DEFERRED], extra=extra)
-    if not rows:
+    joined = statements.joined()
+    claimed = statements.claim_scan(message_id, timezone.now(), with_pending=joined)
+    if claimed is None:
         return None
-    ((message, (raw, recipient_count, *pending)),) = rows
+    message, (raw, recipient_count, *pending) = claimed
     return ScanClaim(message, bytes(raw or b""), int(recipient_count),
-                     _pending_recipients(message, pending[0]) if pending else None)
-
-
-def _pending_recipients(message: Message, listed: str | None) -> list[Recipient]:
-    """The claim's JSON list of pending recipients as instances (the other fields have their values of a
-    recipient not yet scanned: no verdict, action, reply or claim)."""
-    return [Recipient(message=message, status=Recipient.Status.PENDING, **dict(zip(PENDING_COLUMNS, row, strict=True)))
-            for row in json.loads(listed or "[]")]
+                     statements.pending_recipients(message, pending[0]) if joined else None)
 
 
 def run_scan(message_id: int) -> str:
