@@ -335,7 +335,7 @@ fi
 write_env
 if ((${#problems[@]})); then
     for p in "${problems[@]}"; do log "WARNING: $p"; done
-    # With CI set every service is required, as in the test suite (tests/services.py).
+    # With CI set every service is required, as in the test suite (tests/support/services.py).
     ci_mode && die "CI is set and not every service answers"
 fi
 log "done"

@@ -13,7 +13,7 @@ Messages removed by the retention purge are not subtracted: the counters of a da
 as a report of last year's traffic should.
 
 PostgreSQL gets the work done in SQL (INSERT … SELECT over the day's rows); other databases (SQLite for
-`make run`) get the same result from Python. tests/test_reports_rollup.py checks that both agree.
+`make run`) get the same result from Python. tests/reports/test_reports_rollup.py checks that both agree.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ The answer to every lookup is one of three things, and callers must keep them ap
 
 Two resolvers share one configuration: `Resolver` (asyncio, for the SMTP server) and `SyncResolver` (blocking, for
 Celery tasks and for pyspf/dkimpy callbacks). Both can be built with explicit ``nameservers``/``port``/``timeout``
-(tests point them at ``tests/dnsstub.py``); `get_resolver()` / `get_sync_resolver()` return the ones configured by
-settings. The module-level coroutines (`lookup_txt`, `lookup_a`, ... `fcrdns`, `domain_resolves`) use
+(tests point them at ``tests/support/dnsstub.py``); `get_resolver()` / `get_sync_resolver()` return the ones
+configured by settings. The module-level coroutines (`lookup_txt`, `lookup_a`, ... `fcrdns`, `domain_resolves`) use
 `get_resolver()`.
 
 Public API::

@@ -140,8 +140,8 @@ class HeldVerdict:
     def write(self) -> Applied | None:
         """The verdict, its recipients claimed for this delivery; None when the scan's claim was lost.
 
-        Called again after a connection lost mid-statement (gateway.delivery.record.retrying), it first looks whether the
-        earlier call was committed: the verdict's timestamp is this scan's own."""
+        Called again after a connection lost mid-statement (gateway.delivery.record.retrying), it first looks
+        whether the earlier call was committed: the verdict's timestamp is this scan's own."""
         if self.tried and Message.objects.filter(pk=self.message.pk, scanned_at=self.now).exists():
             return Applied(True)
         self.tried = True

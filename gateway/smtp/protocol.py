@@ -103,7 +103,7 @@ class GatewaySMTP(SMTP):
         introspection: it lists every member of the protocol and of the handler (inspect.getmembers,
         which also evaluates properties) for each new connection, and logs the AUTH mechanisms each time.
         The member names are the same for every connection, so they are found once per class and handler.
-        tests/test_smtp_writer.py checks that both set the same attributes to the same values.
+        tests/smtp/test_smtp_writer.py checks that both set the same attributes to the same values.
 
         AUTH is offered and required by our own rules (only over TLS, only on the submission ports):
         aiosmtpd's auth_require_tls cannot see implicit TLS.
