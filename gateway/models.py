@@ -144,6 +144,7 @@ class Verdict(models.TextChoices):
     HIGH_SPAM = "high_spam", "High spam"
     VIRUS = "virus", "Virus"
     BLOCKED_ATTACHMENT = "blocked_attachment", "Blocked attachment"
+    UNSCANNABLE = "unscannable", "Unscannable"
     BLOCKED_SENDER = "blocked_sender", "Blocked sender"
 
 
@@ -172,6 +173,10 @@ class MailFlowSettings(models.Model):
                                                  default=Action.QUARANTINE)
     action_blocked_sender = models.CharField(max_length=12, choices=Action.choices, default=Action.QUARANTINE,
                                              help_text="For a sender on a block list")
+    action_unscannable = models.CharField(
+        max_length=12, choices=Action.choices, default=Action.QUARANTINE,
+        help_text="For a message the scanners could not fully check (a limit reached, MIME that cannot be read "
+                  "one way only, too large for clamd): never delivered unchecked unless this says so")
     subject_prefix = models.CharField(max_length=50, default="[SPAM]")
     max_message_size = models.PositiveIntegerField(default=25 * 1024 * 1024, help_text="Bytes (SMTP SIZE)")
     max_recipients = models.PositiveIntegerField(default=100, help_text="Per message")
@@ -227,6 +232,7 @@ class MailFlowSettings(models.Model):
             Verdict.VIRUS: self.action_virus,
             Verdict.BLOCKED_ATTACHMENT: self.action_blocked_attachment,
             Verdict.BLOCKED_SENDER: self.action_blocked_sender,
+            Verdict.UNSCANNABLE: self.action_unscannable,
         }[verdict]
 
     @property
@@ -315,6 +321,8 @@ class Message(models.Model):
         BLOCKED_SENDER = "blocked_sender", "Blocked sender"
         EARLY_TALKER = "early_talker", "Talked before the greeting"
         AUTH_FAILED = "auth_failed", "Authentication failed"
+        SENDER_NOT_OWNED = "sender_not_owned", "Sender not owned by the login"
+        PROTECTED_SENDER = "protected_sender", "Our domain as sender from outside"
 
     objects = MessageQuerySet.as_manager()
 
@@ -590,6 +598,10 @@ class SMTPPolicy(models.Model):
     dmarc_quarantine_score = _score(5.0)
     dmarc_temperror_action = _action(CheckAction.TEMPFAIL, "The DMARC policy could not be looked up: 451 4.4.3",
                                      _TEMPORARY)
+    protected_sender_action = _action(
+        CheckAction.SCORE, "Mail from outside (neither trusted nor authenticated) whose envelope sender or header "
+                           "From is one of our domains, without a passing SPF or DKIM for it (reject 550 5.7.1)")
+    protected_sender_score = _score(3.0)
     # SMTP AUTH (submission ports)
     auth_max_failures = models.PositiveIntegerField(
         default=5, help_text="Failed AUTH attempts from one client IP before it is refused (421 4.7.0)")
