@@ -32,6 +32,7 @@ class TrafficStat(models.Model):
     virus = models.BigIntegerField(default=0)
     blocked_attachment = models.BigIntegerField(default=0)
     blocked_sender = models.BigIntegerField(default=0)
+    unscannable = models.BigIntegerField(default=0, help_text="Messages the scanners could not check whole")
     quarantined = models.BigIntegerField(default=0)
     volume = models.BigIntegerField(default=0, help_text="Bytes of the accepted messages")
     refused = models.BigIntegerField(default=0, help_text="Attempts refused at SMTP time, all reasons")
@@ -41,8 +42,8 @@ class TrafficStat(models.Model):
     refused_relay_denied = models.BigIntegerField(default=0)
 
     COUNTERS = ("messages", "clean", "spam", "high_spam", "virus", "blocked_attachment", "blocked_sender",
-                "quarantined", "volume", "refused", "refused_unknown_user", "refused_cant_resolve", "refused_rbl",
-                "refused_relay_denied")
+                "unscannable", "quarantined", "volume", "refused", "refused_unknown_user", "refused_cant_resolve",
+                "refused_rbl", "refused_relay_denied")
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["scope", "hour", "direction"], name="trafficstat_unique")]

@@ -43,7 +43,7 @@ OVERLAP = timedelta(minutes=5)
 ADVISORY_LOCK = 0x4D47_5250  # "MGRP"
 SCORE_MIN, SCORE_MAX = -5, 50
 REFUSED = Message.State.REFUSED
-VERDICTS = ("clean", "spam", "high_spam", "virus", "blocked_attachment", "blocked_sender")
+VERDICTS = ("clean", "spam", "high_spam", "virus", "blocked_attachment", "blocked_sender", "unscannable")
 REFUSAL_COLUMNS = {"unknown_user": "refused_unknown_user", "cant_resolve": "refused_cant_resolve",
                    "rbl": "refused_rbl", "relay_denied": "refused_relay_denied"}
 
@@ -148,8 +148,8 @@ FROM gateway_recipient r JOIN rollup_m m ON m.id = r.message_id WHERE m.state <>
 """
 _SQL_TRAFFIC = """
 INSERT INTO reports_trafficstat (hour, scope, direction, messages, clean, spam, high_spam, virus,
-    blocked_attachment, blocked_sender, quarantined, volume, refused, refused_unknown_user, refused_cant_resolve,
-    refused_rbl, refused_relay_denied)
+    blocked_attachment, blocked_sender, unscannable, quarantined, volume, refused, refused_unknown_user,
+    refused_cant_resolve, refused_rbl, refused_relay_denied)
 SELECT date_trunc('hour', m.received_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', s.scope, m.direction,
     count(*) FILTER (WHERE m.state <> 'refused'),
     count(*) FILTER (WHERE m.state <> 'refused' AND m.verdict = 'clean'),
@@ -158,6 +158,7 @@ SELECT date_trunc('hour', m.received_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', 
     count(*) FILTER (WHERE m.state <> 'refused' AND m.verdict = 'virus'),
     count(*) FILTER (WHERE m.state <> 'refused' AND m.verdict = 'blocked_attachment'),
     count(*) FILTER (WHERE m.state <> 'refused' AND m.verdict = 'blocked_sender'),
+    count(*) FILTER (WHERE m.state <> 'refused' AND m.verdict = 'unscannable'),
     count(*) FILTER (WHERE m.state <> 'refused' AND m.quarantined),
     coalesce(sum(m.size) FILTER (WHERE m.state <> 'refused'), 0),
     count(*) FILTER (WHERE m.state = 'refused'),

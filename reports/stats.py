@@ -23,7 +23,7 @@ from .rollup import SCORE_MAX, SCORE_MIN, Accumulator, day_bounds, iter_with_rec
 from .scope import Viewer
 
 REFUSED = Message.State.REFUSED
-VERDICT_COUNTERS = ("clean", "spam", "high_spam", "virus", "blocked_attachment", "blocked_sender")
+VERDICT_COUNTERS = ("clean", "spam", "high_spam", "virus", "blocked_attachment", "blocked_sender", "unscannable")
 COUNTERS = TrafficStat.COUNTERS
 TOP_KINDS = {k.value: k.label for k in DailyTop.Kind}
 

@@ -4,6 +4,7 @@ each recipient what follows after the allow and block lists (`recipient_verdict`
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -13,10 +14,18 @@ from gateway.mailbytes import first_received
 from gateway.models import Action, MailFlowSettings, Message, Recipient, Verdict
 from gateway.policy.lists import list_decision
 
-from . import attachments, clamav, spamassassin
+from . import attachments, clamav, mime, spamassassin
+from .limits import ScanLimits
 
-VERDICT_RANK = [Verdict.VIRUS, Verdict.BLOCKED_ATTACHMENT, Verdict.BLOCKED_SENDER, Verdict.HIGH_SPAM, Verdict.SPAM,
-                Verdict.CLEAN]
+log = logging.getLogger(__name__)
+
+# Worst first. Unscannable follows virus: what could not be checked is held unless the administrator's action
+# for it says otherwise.
+VERDICT_RANK = [Verdict.VIRUS, Verdict.UNSCANNABLE, Verdict.BLOCKED_ATTACHMENT, Verdict.BLOCKED_SENDER,
+                Verdict.HIGH_SPAM, Verdict.SPAM, Verdict.CLEAN]
+# Verdicts on the content itself, which no list entry changes: a blocked sender's virus stays a virus, and
+# an allowed sender's unscannable message is held like anyone's.
+CONTENT_VERDICTS = (Verdict.VIRUS, Verdict.UNSCANNABLE, Verdict.BLOCKED_ATTACHMENT)
 
 
 @dataclass
@@ -29,31 +38,58 @@ class ScanOutcome:
     attachments: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    unscannable: list[str] = field(default_factory=list)  # why it could not be checked whole (also in notes)
 
 
 def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
-    """Ask every configured scanner about the message. Raises ScannerUnavailable when one is down."""
+    """Ask every configured scanner about the message. Raises ScannerUnavailable when one is down.
+
+    The message is read once (gateway.scan.mime) for both the attachment rules and clamd, which is given the
+    whole message and then, over the same connection, each decoded part and archive member the walk finds.
+    A message that cannot be read whole (a limit, MIME that cannot be read one way only, too large for clamd)
+    is unscannable: its reasons are in the notes and the log, and it is held by `action_unscannable`.
+    """
     outcome = ScanOutcome(verdict=Verdict.CLEAN)
+    limits = ScanLimits.from_settings()
 
     started = time.monotonic()
-    if clamav.configured():
-        result = clamav.scan(raw)
+    structure = None if attachments.plain_text_only(raw) else mime.read(raw, limits.mime)
+    scanner = attachments.AttachmentScanner(config.blocked_attachment_patterns(),
+                                            block_executables=config.block_executables_by_content, limits=limits)
+    virus = _VirusScan(raw, many=structure is not None) if clamav.configured() else None
+    try:
+        if virus is not None:
+            virus.scan("the message", raw, "")
+        else:
+            outcome.notes.append("virus scan off: CLAMD_URL is not configured")
+        # One text part without a name (structure None): no attachment, nothing beyond the whole message.
+        report = attachments.AttachmentReport() if structure is None else \
+            scanner.scan(raw, structure, inspect=virus.scan if virus is not None else None)
+    finally:
+        if virus is not None:
+            virus.session.close()
+    outcome.attachments = report.attachments
+    unscannable = list(report.unscannable)
+    if virus is not None:
+        result = virus.session.result
         outcome.virus_names = result.virus_names
         outcome.notes += result.errors
-        outcome.timings["clamav"] = round(time.monotonic() - started, 4)
-    else:
-        outcome.notes.append("virus scan off: CLAMD_URL is not configured")
-
-    started = time.monotonic()
-    report = attachments.AttachmentScanner(config.blocked_attachment_patterns(),
-                                           block_executables=config.block_executables_by_content).scan(raw)
-    outcome.attachments = report.attachments
-    outcome.notes += report.notes
-    outcome.timings["attachments"] = round(time.monotonic() - started, 4)
+        unscannable += result.unscannable
+        outcome.timings["clamav"] = round(virus.seconds, 4)
+    outcome.timings["attachments"] = round(time.monotonic() - started - outcome.timings.get("clamav", 0.0), 4)
+    outcome.notes += _few(report.notes)
+    outcome.unscannable = _few(list(dict.fromkeys(unscannable)))
+    outcome.notes += [f"unscannable: {reason}" for reason in outcome.unscannable]
 
     if outcome.virus_names:
         # A virus is quarantined whatever SpamAssassin would say: no need to spend spamd's time on it.
         outcome.verdict = Verdict.VIRUS
+        return outcome
+    if outcome.unscannable:
+        # Held, not delivered unchecked: the part not read may be the one that matters. Not sent to spamd
+        # either: whatever it says, the action for unscannable mail decides.
+        log.warning("message %s is unscannable: %s", message.queue_id, "; ".join(outcome.unscannable))
+        outcome.verdict = Verdict.UNSCANNABLE
         return outcome
 
     if spamassassin.configured():
@@ -85,6 +121,38 @@ def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
     return outcome
 
 
+MAX_NOTES = 20
+
+
+def _few(notes: list[str]) -> list[str]:
+    """At most MAX_NOTES of them: a message of a thousand odd parts says so in a line, not a thousand."""
+    if len(notes) <= MAX_NOTES:
+        return notes
+    return [*notes[:MAX_NOTES], f"... and {len(notes) - MAX_NOTES} more"]
+
+
+class _VirusScan:
+    """The streams of one message for clamd: the whole message first, then each decoded part and archive
+    member that is not the same bytes as one already sent."""
+
+    def __init__(self, raw: bytes, *, many: bool):
+        self.session = clamav.Session(session=many)
+        self.sent: set[str] = set()
+        self.raw_size = len(raw)
+        self.seconds = 0.0
+
+    def scan(self, label: str, data: bytes, sha256: str) -> None:
+        if sha256:
+            if sha256 in self.sent:
+                return
+            self.sent.add(sha256)
+        started = time.monotonic()
+        try:
+            self.session.scan(data, label)
+        finally:
+            self.seconds += time.monotonic() - started
+
+
 def spamd_input(added_headers: str, raw: bytes) -> bytes:
     """The message as SpamAssassin should see it: with our Received field in front, as an MTA hands it
     to a content filter. Without it SpamAssassin cannot tell the connecting client (its address, reverse
@@ -102,10 +170,11 @@ def recipient_verdict(message: Message, recipient: Recipient, verdict: str) -> t
         return verdict, ""
     where = f"{entry.get_scope_display().lower()} {entry.kind} list: {entry.sender}"
     if entry.kind == entry.Kind.BLOCK:
-        if verdict in (Verdict.VIRUS, Verdict.BLOCKED_ATTACHMENT):
+        if verdict in CONTENT_VERDICTS:
             return verdict, where
         return Verdict.BLOCKED_SENDER, where
-    # Allowed senders skip the spam verdicts; a virus or a blocked attachment is still held.
+    # Allowed senders skip the spam verdicts; a virus, an unscannable message or a blocked attachment is still
+    # held.
     if verdict in (Verdict.SPAM, Verdict.HIGH_SPAM):
         return Verdict.CLEAN, where
     return verdict, where

@@ -5,7 +5,7 @@
 
   var COLOURS = {
     clean: "#16a34a", spam: "#f59e0b", high_spam: "#ea580c", virus: "#dc2626",
-    blocked_attachment: "#7c3aed", blocked_sender: "#db2777", refused: "#94a3b8"
+    blocked_attachment: "#7c3aed", blocked_sender: "#db2777", unscannable: "#0f766e", refused: "#94a3b8"
   };
 
   function readData(id) {

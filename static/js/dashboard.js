@@ -17,9 +17,10 @@
   }
 
   var BADGES = { clean: "clean", spam: "spam", high_spam: "high-spam", virus: "virus",
-                 blocked_attachment: "blocked", blocked_sender: "blocked-sender" };
+                 blocked_attachment: "blocked", blocked_sender: "blocked-sender", unscannable: "unscannable" };
   var LABELS = { clean: "Clean", spam: "Spam", high_spam: "High spam", virus: "Virus",
-                 blocked_attachment: "Blocked attachment", blocked_sender: "Blocked sender" };
+                 blocked_attachment: "Blocked attachment", blocked_sender: "Blocked sender",
+                 unscannable: "Unscannable" };
 
   function cell(text, className) {
     var td = document.createElement("td");

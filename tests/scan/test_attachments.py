@@ -55,9 +55,10 @@ def test_plain_attachments_reported_with_hash():
     assert entry["sniffed_type"] == "application/pdf"
 
 
-def test_broken_zip_is_a_note_not_a_crash():
+def test_broken_zip_is_unscannable_not_a_crash():
+    # An archive that cannot be opened was not checked: the message is unscannable, not clean with a note.
     report = scan(message(attachments=[("broken.zip", "application/zip", b"PK\x03\x04garbage")]))
-    assert any("not a readable zip" in note for note in report.notes)
+    assert any("not a readable zip" in reason for reason in report.unscannable)
 
 
 def test_every_corpus_message_scans_without_crashing(corpus):
@@ -71,13 +72,11 @@ def test_every_corpus_message_scans_without_crashing(corpus):
 
 
 def test_one_text_part_is_judged_from_its_header_section_alone(monkeypatch):
-    import email
-
     from gateway.scan import attachments
 
     parsed = []
-    real = email.message_from_bytes
-    monkeypatch.setattr(attachments.email, "message_from_bytes", lambda *a, **k: parsed.append(1) or real(*a, **k))
+    real = attachments.mime.read
+    monkeypatch.setattr(attachments.mime, "read", lambda *a, **k: parsed.append(1) or real(*a, **k))
     plain = b"From: a@example.org\r\nSubject: hi\r\n\r\nMZ is not an attachment here\r\n"
     typed = b"Content-Type: text/plain; charset=utf-8\r\n\r\nhello\r\n"
     assert scan(plain).attachments == [] and scan(typed).attachments == [] and parsed == []
