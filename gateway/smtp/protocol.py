@@ -22,7 +22,7 @@ from gateway.models import Message
 from gateway.policy.state import MX, Connection, Transaction
 
 from . import login
-from .data import read_message_data
+from .data import Spool, read_message_data
 
 log = logging.getLogger(__name__)
 Refusal = Message.Refusal
@@ -95,6 +95,10 @@ class GatewaySMTP(SMTP):
     # RFC 5321 caps a line at 1000 octets, but real mail (HTML from some clients, long base64 lines)
     # breaks it; like Postfix we accept long lines rather than refuse such mail. Commands keep their limit.
     line_length_limit = 1024 * 1024
+    # The stream reader's buffer: what a connection may hold of what its client sent before it is read
+    # (twice this, then the transport pauses). Commands are short and the data is read in pieces of at most
+    # this (gateway.smtp.data), so a connection costs little memory however long its lines are.
+    read_limit = 64 * 1024
 
     def __init__(self, handler, *, mode: str = MX, hostname: str, ident: str,
                  data_size_limit: int, timeout: float, tls_context: ssl.SSLContext | None = None,
@@ -114,7 +118,7 @@ class GatewaySMTP(SMTP):
         self.__ident__ = ident
         self.loop = make_loop()
         asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            self, asyncio.StreamReader(loop=self.loop, limit=self.read_limit),
             client_connected_cb=self._cb_client_connected, loop=self.loop)
         self.event_handler = handler
         self.data_size_limit = data_size_limit
@@ -257,23 +261,31 @@ class GatewaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        spool = Spool(threshold=settings.SMTP_DATA_SPOOL_THRESHOLD, directory=self.gateway.spool_directory)
         try:
-            data = await read_message_data(self._reader, size_limit=self.data_size_limit,
-                                           line_limit=self.line_length_limit)
-        except asyncio.IncompleteReadError:  # the client went away in the middle of its data
-            self._writer.close()
-            return
-        except asyncio.CancelledError:
-            log.info("Connection lost during DATA")
-            self._writer.close()
-            raise
-        if data.error:
-            await self.push(data.error)
-            self._set_post_data_state()
-            return
-        self.envelope.content = self.envelope.original_content = data.content
-        status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
-        self._set_post_data_state()
+            try:
+                data = await read_message_data(self._reader, size_limit=self.data_size_limit,
+                                               line_limit=self.line_length_limit, spool=spool)
+            except asyncio.IncompleteReadError:  # the client went away in the middle of its data
+                self._writer.close()
+                return
+            except asyncio.CancelledError:
+                log.info("Connection lost during DATA")
+                self._writer.close()
+                raise
+            if data.error:
+                await self.push(data.error)
+                self._set_post_data_state()
+                return
+            # In memory only while it is checked and stored, within the server's budget (and what the
+            # database driver copies of it while it is sent: twice its size).
+            async with self.gateway.data_memory.reserve(2 * data.size):
+                self.envelope.content = self.envelope.original_content = data.content
+                status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
+                self._set_post_data_state()
+                data.close()
+        finally:
+            spool.close()
         await self.push("250 OK" if status is MISSING else status)
 
     async def smtp_AUTH(self, arg: str) -> None:

@@ -1,13 +1,14 @@
 """The message data of DATA, read up to the lone dot in as few reads as it arrives (gateway/smtp/data.py):
 the same message, the same refusals as aiosmtpd's line-by-line reading, and never a byte of the next
-command taken, however the client's bytes are cut into packets."""
+command taken, however the client's bytes are cut into packets; the same again when the data is spooled
+piece by piece (beyond the spool's threshold), with a reader as small as the server's."""
 
 import asyncio
 import random
 
 import pytest
 
-from gateway.smtp.data import read_message_data
+from gateway.smtp.data import DataMemory, Spool, read_message_data
 
 LIMIT = 1024 * 1024  # the server's line limit, also its reader's buffer limit
 
@@ -30,9 +31,11 @@ def reference(stream: bytes, size_limit: int | None, line_limit: int) -> tuple[b
     return (b"" if error else b"".join(lines)), error, rest
 
 
-def read(chunks: list[bytes], *, size_limit: int | None = None, line_limit: int = LIMIT) -> tuple[bytes, str, bytes]:
+def read(chunks: list[bytes], *, size_limit: int | None = None, line_limit: int = LIMIT, threshold: int | None = None,
+         reader_limit: int = LIMIT) -> tuple[bytes, str, bytes]:
+    """What read_message_data makes of the chunks; `threshold`: spooled beyond that many bytes."""
     async def go():
-        reader = asyncio.StreamReader(limit=LIMIT)
+        reader = asyncio.StreamReader(limit=reader_limit)
 
         async def feed():
             for chunk in chunks:
@@ -41,9 +44,14 @@ def read(chunks: list[bytes], *, size_limit: int | None = None, line_limit: int 
             reader.feed_eof()
 
         feeding = asyncio.create_task(feed())
-        data = await asyncio.wait_for(read_message_data(reader, size_limit=size_limit, line_limit=line_limit), 10)
+        spool = Spool(threshold) if threshold is not None else None
+        data = await asyncio.wait_for(read_message_data(reader, size_limit=size_limit, line_limit=line_limit,
+                                                        spool=spool), 10)
         await feeding
-        return data.content, data.error, await reader.read()
+        try:
+            return data.content, data.error, await reader.read()
+        finally:
+            data.close()
 
     return asyncio.run(go())
 
@@ -143,3 +151,87 @@ def test_a_client_that_goes_away_mid_data_ends_the_read():
 
     with pytest.raises(asyncio.IncompleteReadError):
         asyncio.run(go())
+
+
+# --- Spooled: the data unstuffed piece by piece into a spool (memory, then an unlinked file) -----------------
+
+SPOOLED = [0, 1, 3, 5, 64]  # spool thresholds: from the first byte on, and a few bytes in
+
+
+@pytest.mark.parametrize("threshold", SPOOLED)
+def test_spooled_random_data_and_packets_as_aiosmtpd_reads_them(threshold):
+    rng = random.Random(threshold)
+    alphabet = b"..\r\n\r\nab ."
+    for _ in range(300):
+        body = bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 80)))
+        stream = body + (b"" if body.endswith(b"\r\n") or not body else b"\r\n") + b".\r\n" + b"NEXT\r\n"
+        if not body:
+            stream = b".\r\nNEXT\r\n"
+        expected = reference(stream, None, LIMIT)
+        assert read(cut(stream, rng), threshold=threshold) == expected, stream
+
+
+@pytest.mark.parametrize("threshold", SPOOLED)
+def test_spooled_the_end_found_wherever_the_packets_are_cut(threshold):
+    for stream in (b"..\r\n..leading\r\n.x\r\nmid.dle\r\n...\r\n.\r\nQUIT\r\n", b"\r\r\n.\n\r\n.\r\n",
+                   b"a\r\n.\rx\r\n.\r\nMAIL FROM:<a@b>\r\n", b".\r\nRSET\r\n"):
+        expected = reference(stream, None, LIMIT)
+        for position in range(1, len(stream)):
+            assert read([stream[:position], stream[position:]], threshold=threshold) == expected, (stream, position)
+        assert read([bytes([b]) for b in stream], threshold=threshold) == expected
+
+
+def test_spooled_limits_are_those_of_the_whole_data():
+    line = b"x" * 98 + b"\r\n"
+    stream = line * 10 + b".\r\nQUIT\r\n"
+    rng = random.Random(7)
+    assert read(cut(stream, rng), size_limit=1000, threshold=10) == (line * 10, "", b"QUIT\r\n")
+    assert read(cut(stream, rng), size_limit=999, threshold=10) == (b"", "552 Error: Too much mail data", b"QUIT\r\n")
+    at_limit, over = b"z" * 98 + b"\r\n", b"z" * 99 + b"\r\n"
+    assert read(cut(b"a\r\n" + at_limit + b".\r\n", rng), line_limit=100, threshold=1)[1] == ""
+    assert read(cut(b"a\r\n" + over + b"b\r\n.\r\nQUIT\r\n", rng), line_limit=100, threshold=1) == (
+        b"", "500 Line too long (see RFC5321 4.5.3.1.6)", b"QUIT\r\n")
+
+
+def test_a_large_message_through_the_servers_small_reader_goes_to_an_unlinked_file(tmp_path):
+    """Beyond the threshold the data is on disk, in a file nobody else can open (unlinked at once), and
+    the reader never buffers more than its limit: what the server holds per connection stays small."""
+    line = b"y" * 76 + b"\r\n"
+    body = b"".join(b"." + line if n % 7 == 0 else line for n in range(30_000))  # ~2.3 MiB
+    stream = body + b".\r\nQUIT\r\n"
+
+    async def go():
+        reader = asyncio.StreamReader(limit=64 * 1024)
+        spool = Spool(256 * 1024, directory=str(tmp_path))
+        for at in range(0, len(stream), 65536):
+            reader.feed_data(stream[at:at + 65536])
+        reader.feed_eof()
+        data = await read_message_data(reader, size_limit=None, line_limit=LIMIT, spool=spool)
+        assert spool.on_disk and list(tmp_path.iterdir()) == []  # the file has no name
+        content = data.content
+        data.close()
+        return content, await reader.read()
+
+    content, rest = asyncio.run(go())
+    assert content == reference(stream, None, LIMIT)[0] and rest == b"QUIT\r\n"
+
+
+def test_the_data_memory_makes_a_message_wait_for_room_and_lets_a_large_one_go_alone():
+    async def go():
+        memory = DataMemory(100)
+        order = []
+
+        async def hold(name: str, amount: int, seconds: float) -> None:
+            async with memory.reserve(amount):
+                order.append(f"{name} in")
+                await asyncio.sleep(seconds)
+                order.append(f"{name} out")
+
+        first = asyncio.ensure_future(hold("a", 60, 0.05))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(hold("b", 60, 0), first, hold("huge", 500, 0))
+        return order, memory.in_use
+
+    order, left = asyncio.run(go())
+    assert order.index("a out") < order.index("b in")  # 60 + 60 > 100: b waited for a
+    assert "huge in" in order and left == 0  # larger than the whole budget: alone, not never
