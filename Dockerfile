@@ -19,6 +19,7 @@ COPY manage.py ./
 COPY appliance ./appliance
 COPY gateway ./gateway
 COPY quarantine ./quarantine
+COPY console ./console
 COPY reports ./reports
 COPY templates ./templates
 COPY static ./static
@@ -27,7 +28,7 @@ COPY static ./static
 # the compose file's migrate service collects them again into the data volume on every upgrade.
 # The key below exists only for this build step; the containers get theirs from the environment.
 RUN useradd --system --uid 10001 --home-dir "$DATA_DIR" --shell /usr/sbin/nologin mailgate \
-    && install -d -o mailgate -g mailgate "$DATA_DIR" \
+    && install -d -m 0700 -o mailgate -g mailgate "$DATA_DIR" \
     && SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput -v0 \
     && chown -R mailgate:mailgate "$DATA_DIR" \
     && python -m compileall -q /app

@@ -81,8 +81,10 @@ def worker_commits_asynchronously() -> None:
 @signals.worker_init.connect
 def _worker_init(**kwargs) -> None:
     from appliance.scheduling import schedule_mail_path
+    from gateway.checks import warn_about_scan_limits
 
     # In the main thread, before the pool's threads (or processes) exist: they inherit it.
     schedule_mail_path("celery worker")
+    warn_about_scan_limits()  # Django's system checks do not run in a Celery worker
     worker_commits_asynchronously()
 

@@ -8,10 +8,15 @@ CLAMD_URL at the scanners. docs/configuration.md lists every variable.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import stat
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
+
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -57,15 +62,58 @@ def database_from_url(url: str) -> dict:
     raise ValueError(f"DATABASE_URL: unsupported scheme {parsed.scheme!r} (use postgres:// or sqlite:///)")
 
 
+_log = logging.getLogger("appliance.settings")
+
+
+def private_directory(path: Path) -> None:
+    """Create `path` 0700, or tighten it to 0700 (with a log line) when others may read or enter it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            path.chmod(0o700)
+            _log.warning("%s was open to other users (mode %03o); it is now 0700", path, mode)
+    except OSError as exc:
+        _log.warning("%s: could not make it private to this user: %s", path, exc)
+
+
+def private_file(path: Path, *, create: bool) -> None:
+    """Create `path` 0600 (when `create`), or tighten it to 0600 (with a log line) when others may read it."""
+    try:
+        if create:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        elif not path.exists():
+            return
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            path.chmod(0o600)
+            _log.warning("%s was readable by other users (mode %03o); it is now 0600", path, mode)
+    except OSError as exc:
+        _log.warning("%s: could not make it private to this user: %s", path, exc)
+
+
 DEBUG = envbool("DEBUG", "False")
+
+
+def _runs_the_appliance_here() -> bool:
+    """`manage.py runappliance` (what `make run` starts): the one-machine development appliance."""
+    return Path(sys.argv[0]).name == "manage.py" and sys.argv[1:2] == ["runappliance"]
+
+
 SECRET_KEY = os.getenv("SECRET_KEY", "")
 if not SECRET_KEY:
-    if DEBUG or envbool("ALLOW_INSECURE_SECRET", "True"):
-        # Zero-setup default for `make run` and the tests; production sets SECRET_KEY
-        # and ALLOW_INSECURE_SECRET=false so that a missing secret fails loudly.
+    # Fail closed: without a key of its own every process refuses to start, except where a public key does no
+    # harm: DEBUG, `make run` (runappliance, its children inherit ALLOW_INSECURE_SECRET from it, and the Makefile
+    # sets it for the migrate and collectstatic before it), the test suite (pytest sets PYTEST_VERSION for its
+    # run, in every process it starts), or ALLOW_INSECURE_SECRET=true said on purpose.
+    if _runs_the_appliance_here():
+        os.environ["ALLOW_INSECURE_SECRET"] = "true"
+    if DEBUG or envbool("ALLOW_INSECURE_SECRET", "False") or os.getenv("PYTEST_VERSION"):
         SECRET_KEY = "insecure-development-key-set-SECRET_KEY-in-production"
     else:
-        raise RuntimeError("SECRET_KEY must be set")
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set it in the environment (python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(50))'); only `make run` and the tests run without one.")
 
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
@@ -123,8 +171,16 @@ ASGI_APPLICATION = "appliance.asgi.application"
 DATA_DIR = Path(os.getenv("DATA_DIR", str(BASE_DIR / "data")))
 DATABASE_URL = os.getenv("DATABASE_URL", "") or f"sqlite:///{DATA_DIR / 'gateway.sqlite3'}"
 DATABASES = {"default": database_from_url(DATABASE_URL)}
+# DATA_DIR holds all mail (SQLite), the password hashes, the DKIM and TLS private keys: only this user reads it.
+private_directory(DATA_DIR)
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    _sqlite = Path(DATABASES["default"]["NAME"])
+    if _sqlite.parent != DATA_DIR and not _sqlite.parent.exists():
+        private_directory(_sqlite.parent)
+    if str(_sqlite) != ":memory:":
+        # Made 0600 before SQLite opens it: its -wal and -shm files take the database file's mode.
+        for _path in (_sqlite, _sqlite.with_name(_sqlite.name + "-wal"), _sqlite.with_name(_sqlite.name + "-shm")):
+            private_file(_path, create=_path == _sqlite)
     # The SMTP worker, the web UI and the embedded worker write the same file.
     DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE",
                                        "init_command": "PRAGMA journal_mode=WAL;"}
@@ -144,6 +200,30 @@ SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = envbool("SECURE_COOKIES", "False")
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# HTTPS (docs/security.md): off for `make run` over plain HTTP, on in docker-compose.yml, whose web service sits
+# behind a TLS-terminating proxy. SECURE_PROXY_SSL_HEADER ("HTTP_X_FORWARDED_PROTO,https") names the header by
+# which that proxy says the client came over HTTPS: set it only when every request passes the proxy, which sets
+# the header itself.
+SECURE_SSL_REDIRECT = envbool("SECURE_SSL_REDIRECT", "False")
+SECURE_HSTS_SECONDS = envint("SECURE_HSTS_SECONDS", "0")
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("SECURE_HSTS_INCLUDE_SUBDOMAINS", "False")
+SECURE_HSTS_PRELOAD = envbool("SECURE_HSTS_PRELOAD", "False")
+_proxy_ssl_header = envlist("SECURE_PROXY_SSL_HEADER", "")
+if _proxy_ssl_header:
+    if len(_proxy_ssl_header) != 2 or not _proxy_ssl_header[0].startswith("HTTP_"):
+        raise ImproperlyConfigured('SECURE_PROXY_SSL_HEADER: write "HTTP_X_FORWARDED_PROTO,https" (header, value)')
+    SECURE_PROXY_SSL_HEADER = (_proxy_ssl_header[0], _proxy_ssl_header[1])
+# The reverse proxies whose X-Forwarded-For names the client (the audit log, the login throttle); empty: none,
+# REMOTE_ADDR is the client.
+TRUSTED_PROXIES = envlist("TRUSTED_PROXIES", "")
+# The login throttle every door shares (site, admin, SMTP AUTH, API tokens; gateway/throttle.py): failures
+# counted per username and IP, per username, per IP; each limit locks its key until LOGIN_THROTTLE_WINDOW
+# seconds after its last failure. 0 turns a limit off.
+AUTHENTICATION_BACKENDS = ["gateway.throttle.ThrottledModelBackend"]
+LOGIN_THROTTLE_WINDOW = envint("LOGIN_THROTTLE_WINDOW", str(15 * 60))
+LOGIN_THROTTLE_PAIR_FAILURES = envint("LOGIN_THROTTLE_PAIR_FAILURES", "5")
+LOGIN_THROTTLE_USERNAME_FAILURES = envint("LOGIN_THROTTLE_USERNAME_FAILURES", "20")
+LOGIN_THROTTLE_IP_FAILURES = envint("LOGIN_THROTTLE_IP_FAILURES", "30")
 
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
@@ -220,11 +300,28 @@ CLAMD_URL = os.getenv("CLAMD_URL", "")  # unix:///run/clamav/clamd.ctl or tcp://
 SCANNER_TIMEOUT = envfloat("SCANNER_TIMEOUT", "60")
 # A message larger than this is not sent to spamd (as spamc's own 500 KB default).
 SPAMD_MAX_SIZE = envint("SPAMD_MAX_SIZE", str(512 * 1024))
+# What clamd accepts in one INSTREAM (its StreamMaxLength; 25M in Debian's clamd.conf). A message, MIME part
+# or archive member larger than this cannot be scanned: the message is unscannable, never delivered unchecked.
+CLAMD_STREAM_MAX_LENGTH = envint("CLAMD_STREAM_MAX_LENGTH", str(25 * 1024 * 1024))
+# The limits of the gateway's own reading of a message (docs/security-scanning.md). Reaching one makes the
+# message unscannable (held by MailFlowSettings.action_unscannable, quarantine by default).
+SCAN_MAX_PARTS = envint("SCAN_MAX_PARTS", "1000")  # MIME parts, containers included
+SCAN_MAX_DEPTH = envint("SCAN_MAX_DEPTH", "50")  # multipart and message/rfc822 nesting
+SCAN_MAX_ARCHIVE_MEMBERS = envint("SCAN_MAX_ARCHIVE_MEMBERS", "2000")  # per archive
+SCAN_MAX_ARCHIVE_DEPTH = envint("SCAN_MAX_ARCHIVE_DEPTH", "3")  # an archive in an archive in an archive
+SCAN_MAX_DECOMPRESSED_BYTES = envint("SCAN_MAX_DECOMPRESSED_BYTES", str(100 * 1024 * 1024))  # per message
+SCAN_MAX_COMPRESSION_RATIO = envint("SCAN_MAX_COMPRESSION_RATIO", "100")  # per archive member over 1 MiB
 
 # --- SMTP --------------------------------------------------------------------------------------
 SMTP_LISTEN = os.getenv("SMTP_LISTEN", "127.0.0.1:2525")
 SMTP_MAX_CONNECTIONS = envint("SMTP_MAX_CONNECTIONS", "500")
 SMTP_DATA_TIMEOUT = envint("SMTP_TIMEOUT", "300")
+# Message data beyond this many bytes per connection is spooled to an unlinked file in SMTP_SPOOL_DIR
+# while it arrives; at most SMTP_DATA_MEMORY bytes of message data are held in memory at once (to be
+# checked and stored: twice a message's size each), the next message waiting its turn (gateway/smtp/data.py).
+SMTP_DATA_SPOOL_THRESHOLD = envint("SMTP_DATA_SPOOL_THRESHOLD", str(256 * 1024))
+SMTP_DATA_MEMORY = envint("SMTP_DATA_MEMORY", str(128 * 1024 * 1024))
+SMTP_SPOOL_DIR = Path(os.getenv("SMTP_SPOOL_DIR", str(DATA_DIR / "spool")))
 # Threads that write the mail log for the SMTP server (one database connection each).
 SMTP_DB_THREADS = envint("SMTP_DB_THREADS", "8")
 # Seconds the SMTP server keeps its snapshot of domains, trusted networks and limits.

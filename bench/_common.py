@@ -130,7 +130,9 @@ def product_env(**overrides: str) -> dict:
     """The environment of the product's processes: this one, minus anything that would redirect them."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("CELERY_BROKER_URL", "CELERY_TASK_ALWAYS_EAGER", "DATABASE_URL", "BENCH_REEXEC")}
+    # A benchmark's scratch appliance, like the tests, runs on the development key unless one is given.
     env.update({"DJANGO_SETTINGS_MODULE": "appliance.settings", "PYTHONUNBUFFERED": "1"})
+    env.setdefault("ALLOW_INSECURE_SECRET", "true")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 

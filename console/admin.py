@@ -7,8 +7,10 @@ record, never its private key."""
 from __future__ import annotations
 
 from django.contrib import admin
+from django.contrib.auth import forms as auth_forms
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -32,6 +34,13 @@ from gateway.models import (
     ValidRecipient,
     record_audit,
 )
+
+from .login import ThrottledAdminAuthenticationForm
+from .usernames import HELP_TEXT as USERNAME_HELP
+from .usernames import username_taken, validate_username
+
+# The admin's login is a door like the site's: the same throttle, the same words when it refuses.
+admin.site.login_form = ThrottledAdminAuthenticationForm
 
 
 class AuditedAdmin(admin.ModelAdmin):
@@ -235,10 +244,42 @@ if admin.site.is_registered(User):
     admin.site.unregister(User)
 
 
+class AdminUserCreationForm(auth_forms.AdminUserCreationForm):
+    """Django's form for a new login, with the appliance's rule for login names (console.usernames)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["username"].help_text = USERNAME_HELP
+
+    def clean_username(self):
+        validate_username(self.cleaned_data.get("username") or "")
+        return super().clean_username()  # unique whatever its case
+
+
+class AdminUserChangeForm(auth_forms.UserChangeForm):
+    """Django's form for a login, with the rule for login names; a name made before the rule stays as it is
+    until it is changed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "username" in self.fields:
+            self.fields["username"].help_text = USERNAME_HELP
+
+    def clean_username(self):
+        username = self.cleaned_data.get("username") or ""
+        if username != self.instance.username:
+            validate_username(username)
+        if username_taken(username, exclude_pk=self.instance.pk):
+            raise ValidationError("A user with that username already exists.", code="unique")
+        return username
+
+
 @admin.register(User)
 class UserAdmin(DjangoUserAdmin):
     """Django's user admin, with the mail profile (role, domains, aliases) on the same page."""
 
+    form = AdminUserChangeForm
+    add_form = AdminUserCreationForm
     inlines = [UserProfileInline]
     list_display = ("username", "email", "first_name", "last_name", "role", "is_active", "is_superuser")
     list_select_related = ("mail_profile",)
@@ -279,7 +320,8 @@ class SMTPPolicyAdmin(AuditedAdmin):
                                   "greylist_ipv6_prefix", "callahead_positive_hours", "callahead_negative_minutes",
                                   "callahead_unreachable_action"]}),
         ("Message", {"fields": ["dkim_action", "dkim_score", "dmarc_reject_action", "dmarc_reject_score",
-                                "dmarc_quarantine_action", "dmarc_quarantine_score", "dmarc_temperror_action"]}),
+                                "dmarc_quarantine_action", "dmarc_quarantine_score", "dmarc_temperror_action",
+                                "protected_sender_action", "protected_sender_score"]}),
         ("SMTP AUTH", {"fields": ["auth_max_failures", "auth_failure_window_minutes"]}),
     ]
 

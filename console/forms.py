@@ -25,6 +25,9 @@ from gateway.models import (
     validate_domain_name,
 )
 
+from .usernames import HELP_TEXT as USERNAME_HELP
+from .usernames import username_taken, validate_username
+
 User = get_user_model()
 
 
@@ -53,7 +56,7 @@ class UserForm(forms.Form):
 
     error_css_class = "has-error"
 
-    username = forms.CharField(max_length=150, help_text="The login name")
+    username = forms.CharField(max_length=150, help_text=f"The login name. {USERNAME_HELP}")
     email = forms.EmailField(required=False, help_text="The user's main address: their mail is what they see")
     first_name = forms.CharField(max_length=150, required=False)
     last_name = forms.CharField(max_length=150, required=False)
@@ -103,10 +106,11 @@ class UserForm(forms.Form):
 
     def clean_username(self) -> str:
         username = self.cleaned_data["username"].strip()
-        clash = User.objects.filter(username__iexact=username)
-        if self.instance is not None:
-            clash = clash.exclude(pk=self.instance.pk)
-        if clash.exists():
+        # A login made before names were checked keeps its name until it is changed; a new or changed name
+        # must be plain (console.usernames says why).
+        if self.instance is None or username != self.instance.username:
+            validate_username(username)
+        if username_taken(username, exclude_pk=self.instance.pk if self.instance is not None else None):
             raise ValidationError("This login name is taken; choose another.")
         return username
 

@@ -24,4 +24,6 @@ def audit_logout(sender, request, user, **kwargs) -> None:
 @receiver(user_login_failed)
 def audit_login_failed(sender, credentials, request=None, **kwargs) -> None:
     username = str(credentials.get("username", ""))[:150]
-    record_audit("login_failed", ip=client_ip(request), target=username)
+    # SMTP AUTH has no request: it names the client in the credentials (gateway.throttle).
+    ip = client_ip(request) or credentials.get("client_ip") or None
+    record_audit("login_failed", ip=ip, target=username)

@@ -18,11 +18,11 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from gateway.dispatch import enqueue
-from gateway.models import Message, Recipient, record_audit
+from gateway.models import Message, record_audit
 
 from . import actions
 from .models import BulkJob
-from .selection import filtered_quarantine, held_recipients_for, quarantine_of
+from .selection import filtered_quarantine, quarantine_of
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +71,13 @@ def start_bulk_job(*, user, ip: str | None, action: str, selection: list[int] | 
 
 
 def _perform(job: BulkJob, message: Message) -> bool:
-    """Apply the job's action to one message: True if done, False if it was no longer quarantined."""
+    """Apply the job's action to one message: True if done, False if it was no longer quarantined. The action
+    itself keeps to the held recipients the job's owner acts for, and refuses a message they only see as its
+    sender (PermissionDenied: counted as failed, with its reason)."""
     user = job.created_by
     if job.action == BulkJob.Action.RELEASE:
-        mine = held_recipients_for(message, user)
-        if not mine:
-            raise PermissionDenied("none of its held recipients is yours")
-        everyone = set(message.recipients.filter(status=Recipient.Status.QUARANTINED).values_list("address", flat=True))
-        return actions.release_message(message, by=user, ip=job.ip,
-                                       recipients=None if set(mine) == everyone else mine)
+        return actions.release_message(message, by=user, ip=job.ip)
     if job.action == BulkJob.Action.DELETE:
-        if not held_recipients_for(message, user):
-            raise PermissionDenied("none of its held recipients is yours")
         return actions.delete_message(message, by=user, ip=job.ip)
     actions.learn_message(message, as_spam=job.action == BulkJob.Action.LEARN_SPAM, by=user, ip=job.ip)
     return True

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from django import forms
 from django.core.exceptions import ValidationError
-from django.core.validators import validate_email
 from django.db.models import QuerySet
 
 from gateway.access import Role, address_domain, domains_of, may_release_to, role_of
 from gateway.models import Domain, Message, Recipient, SenderListEntry, Verdict, validate_sender_pattern
 
+from .actions import release_address
 from .models import BulkJob
 from .selection import (
     MAX_ADDRESS,
@@ -85,13 +85,16 @@ class ReleaseForm(forms.Form):
             self.fields["to_address"].help_text = "An address in one of your domains"
 
     def clean_to_address(self) -> str | None:
-        address = self.cleaned_data["to_address"].strip().lower()
-        if not address:
+        value = self.cleaned_data["to_address"].strip()
+        if not value:
             return None
+        # The SMTP server's own parser first: an address it would refuse at RCPT (a relay through the local
+        # part, a quoted @, a source route, an address literal) is not released to either.
         try:
-            validate_email(address)
-        except ValidationError:
-            raise ValidationError(f"{address!r} is not an e-mail address.") from None
+            address = release_address(value)
+        except ValidationError as exc:
+            raise ValidationError(f"{value!r} is not an e-mail address this gateway delivers to: "
+                                  f"{exc.messages[0]}.") from None
         if not may_release_to(self.user, address):
             raise ValidationError(f"You may not release mail to {address}: "
                                   + self.fields["to_address"].help_text.lower() + " only.")
@@ -101,8 +104,9 @@ class ReleaseForm(forms.Form):
         data = super().clean()
         if data.get("to_address") and data.get("recipients"):
             self.add_error("to_address", "Release to the chosen recipients or to another address, not both.")
-        if not data.get("to_address") and not self.allowed and "to_address" not in self.errors:
-            raise ValidationError("None of this message's held recipients is yours to release it to.")
+        if not self.allowed:
+            # To another address too: only for the copies one holds, whatever the address.
+            raise ValidationError("None of this message's held recipients is yours: you may not release it.")
         return data
 
     def release_arguments(self) -> dict:

@@ -20,20 +20,37 @@ from gateway.models import Domain, Message, Recipient, SenderListEntry, Verdict
 
 
 def quarantine_of(user) -> QuerySet[Message]:
-    """The quarantined messages this user may see: always through the one scoping function."""
-    return Message.objects.visible_to(user).filter(state=Message.State.QUARANTINED)
+    """The quarantined messages this user may see, always through the one scoping function: those with a copy
+    still held for them, and those they see as their sender only. A message whose copies for them are released
+    or deleted leaves their quarantine, though other recipients' copies keep it in the quarantine."""
+    held = Message.objects.visible_to(user).filter(state=Message.State.QUARANTINED)
+    if role_of(user) == Role.ADMIN:
+        return held  # every copy is theirs: a quarantined message has one held
+    theirs = recipients_in_scope(Recipient.objects.filter(message_id=OuterRef("pk")), user)
+    return held.filter(Exists(theirs.filter(status=Recipient.Status.QUARANTINED)) | ~Exists(theirs))
+
+
+def held_copies_for(message: Message, user) -> QuerySet[Recipient]:
+    """The held recipients (the copies still in the quarantine) of `message` that this user may act for.
+
+    Seeing a message is not enough to act on it: a user sees mail *from* their addresses too, and a
+    domain administrator mail from their domains, and neither may push someone else's quarantined mail
+    into another organisation's mailboxes, nor delete it from theirs. So: administrators all; domain
+    administrators the recipients in their domains; users their own addresses; nobody else any.
+    """
+    held = message.recipients.filter(status=Recipient.Status.QUARANTINED).order_by("id")
+    return recipients_in_scope(held, user)
 
 
 def held_recipients_for(message: Message, user) -> list[str]:
-    """The held recipients of `message` that this user may release (or delete) the message for.
+    """The addresses of the held recipients of `message` this user may release or delete the message for."""
+    return list(held_copies_for(message, user).values_list("address", flat=True))
 
-    Seeing a message is not enough to send it on: a user sees mail *from* their addresses too, and a
-    domain administrator mail from their domains, and neither may push someone else's quarantined mail
-    into another organisation's mailboxes. So: administrators all; domain administrators the recipients
-    in their domains; users their own addresses.
-    """
-    held = message.recipients.filter(status=Recipient.Status.QUARANTINED).order_by("id")
-    return list(recipients_in_scope(held, user).values_list("address", flat=True))
+
+def acts_for_a_recipient(message: Message, user) -> bool:
+    """Whether this user acts for any recipient of `message`, held or not: what learning from it asks. Not so
+    for someone who sees it only as its sender."""
+    return recipients_in_scope(message.recipients.all(), user).exists()
 
 
 # --- The quarantine filter -----------------------------------------------------------------------------

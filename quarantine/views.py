@@ -1,8 +1,11 @@
 """The quarantine pages: the list in one's scope, one message's options, the actions, bulk jobs, the lists.
 
 Every message is fetched through `_get_message_for` (and lists through `quarantine_of`), both built on
-`Message.objects.visible_to`: what is outside one's scope does not exist here, it is a 404. The actions
-themselves are quarantine.actions' functions; these views only check who asks and say what happened.
+`Message.objects.visible_to`: what is outside one's scope does not exist here, it is a 404. A message one sees
+but does not act for (one sees it as its sender: no held recipient of it is one's own) is shown, and its
+actions answer 403 with the reason; the buttons are not offered. The actions themselves are
+quarantine.actions' functions, which check the same again; these views only check who asks and say what
+happened.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from . import actions
 from .bulk import advance_if_due, start_bulk_job
 from .forms import BulkForm, ListEntryForm, QuarantineFilterForm, ReleaseForm, SenderFromMessageForm
 from .models import BulkJob
-from .selection import held_recipients_for, list_entries_for, quarantine_of
+from .selection import acts_for_a_recipient, held_recipients_for, list_entries_for, quarantine_of
 
 PAGE_SIZE = 50
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -45,6 +48,26 @@ def _back(request: HttpRequest, default: str) -> HttpResponse:
     if target and url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
         return redirect(target)
     return redirect(default)
+
+
+SENDER_ONLY = ("You see this message as its sender (or as the administrator of its sender's domain): only its "
+               "recipients, and those who administer their mail, may release, delete or learn from it.")
+
+
+def _refused(request: HttpRequest, message: Message, reason: str) -> HttpResponse:
+    return render(request, "quarantine/refused.html", {"message": message, "reason": reason}, status=403)
+
+
+def _not_held_for(request: HttpRequest, message: Message) -> HttpResponse | None:
+    """None when some held copy of the message is the user's to act on; else what to answer: the message again
+    with a note when their copies were acted on already (a second click), a 403 when none ever was theirs."""
+    if held_recipients_for(message, request.user):
+        return None
+    if acts_for_a_recipient(message, request.user):
+        messages.info(request, f"Message {message.queue_id}: your recipients' copies are no longer in the "
+                               "quarantine (released or deleted already).")
+        return redirect("quarantine:detail", queue_id=message.queue_id)
+    return _refused(request, message, SENDER_ONLY)
 
 
 def _not_quarantined(message: Message) -> str:
@@ -136,6 +159,7 @@ def _render_detail(request: HttpRequest, message: Message, *, release_form: Rele
         "virus_refused": quarantined and not actions.may_release(message, user),
         "may_delete": quarantined and bool(mine),
         "has_raw": hasattr(message, "raw") if quarantined else False,
+        "may_learn": quarantined and acts_for_a_recipient(message, user),
         "release_form": release_form or ReleaseForm(message=message, user=user),
         "sender_forms": [(allow_form, "allow", reverse("quarantine:allow_sender", args=[message.queue_id])),
                          (block_form, "block", reverse("quarantine:block_sender", args=[message.queue_id]))],
@@ -157,10 +181,11 @@ def release(request: HttpRequest, queue_id: str) -> HttpResponse:
     if message.state != Message.State.QUARANTINED:
         messages.info(request, _not_quarantined(message))
         return redirect("quarantine:detail", queue_id=queue_id)
+    refusal = _not_held_for(request, message)
+    if refusal is not None:
+        return refusal
     if not actions.may_release(message, request.user):
-        return render(request, "quarantine/refused.html", {
-            "message": message, "reason": "Only administrators may release a message that carries a virus."},
-            status=403)
+        return _refused(request, message, "Only administrators may release a message that carries a virus.")
     form = ReleaseForm(request.POST, message=message, user=request.user)
     if not form.is_valid():
         return _render_detail(request, message, release_form=form, status=400)
@@ -168,15 +193,14 @@ def release(request: HttpRequest, queue_id: str) -> HttpResponse:
         released = actions.release_message(message, by=request.user, ip=client_ip(request),
                                            **form.release_arguments())
     except PermissionDenied as exc:
-        return render(request, "quarantine/refused.html", {"message": message, "reason": str(exc)}, status=403)
+        return _refused(request, message, str(exc))
     except ValidationError as exc:
         form.add_error(None, exc)
         return _render_detail(request, message, release_form=form, status=400)
     if not released:
         messages.info(request, _not_quarantined(message))
         return redirect("quarantine:detail", queue_id=queue_id)
-    to = form.cleaned_data.get("to_address") or ", ".join(
-        message.recipients.filter(released=True).values_list("address", flat=True))
+    to = form.cleaned_data.get("to_address") or ", ".join(form.cleaned_data.get("recipients") or form.allowed)
     messages.success(request, f"Message {message.queue_id} released to {to}; it is on its way.")
     return _back(request, reverse("quarantine:index"))
 
@@ -188,12 +212,19 @@ def delete(request: HttpRequest, queue_id: str) -> HttpResponse:
     if message.state != Message.State.QUARANTINED:
         messages.info(request, _not_quarantined(message))
         return redirect("quarantine:detail", queue_id=queue_id)
-    if not held_recipients_for(message, request.user):
-        return render(request, "quarantine/refused.html", {
-            "message": message, "reason": "None of this message's held recipients is yours: you may not delete it."},
-            status=403)
-    if actions.delete_message(message, by=request.user, ip=client_ip(request)):
-        messages.success(request, f"Message {message.queue_id} deleted.")
+    refusal = _not_held_for(request, message)
+    if refusal is not None:
+        return refusal
+    try:
+        deleted = actions.delete_message(message, by=request.user, ip=client_ip(request))
+    except PermissionDenied as exc:
+        return _refused(request, message, str(exc))
+    if deleted:
+        if message.state == Message.State.QUARANTINED:
+            messages.success(request, f"Message {message.queue_id} deleted for your recipients; the other "
+                                      "recipients' copies stay in the quarantine.")
+        else:
+            messages.success(request, f"Message {message.queue_id} deleted.")
         return _back(request, reverse("quarantine:index"))
     messages.info(request, _not_quarantined(message))
     return redirect("quarantine:detail", queue_id=queue_id)
@@ -206,8 +237,12 @@ def learn(request: HttpRequest, queue_id: str) -> HttpResponse:
     kind = request.POST.get("as")
     if kind not in ("spam", "ham"):
         return HttpResponseBadRequest("Say as=spam or as=ham.")
+    if not acts_for_a_recipient(message, request.user):
+        return _refused(request, message, SENDER_ONLY)
     try:
         actions.learn_message(message, as_spam=kind == "spam", by=request.user, ip=client_ip(request))
+    except PermissionDenied as exc:
+        return _refused(request, message, str(exc))
     except ValidationError as exc:
         messages.error(request, f"Cannot learn from {message.queue_id}: {exc.messages[0]}.")
         return redirect("quarantine:detail", queue_id=queue_id)

@@ -1,8 +1,9 @@
 """The read-only JSON API: messages (filtered, keyset-paged), one message, daily statistics.
 
-Authentication: the browser session, or `Authorization: Token <key>` (see `manage.py api_token`). The scoping
-is the pages' own: `Message.objects.visible_to`, so a message outside one's scope is a 404 here too.
-Documented in docs/api.md.
+Authentication: the browser session, or `Authorization: Token <key>` (see `manage.py api_token`). A wrong token
+counts as a failed login of the client's IP in the login throttle every door shares (gateway.throttle): an
+address over its limit is answered 429 without its token being looked at. The scoping is the pages' own:
+`Message.objects.visible_to`, so a message outside one's scope is a 404 here too. Documented in docs/api.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
+from console.http import client_ip
+from gateway import throttle
 from gateway.access import Role
 from gateway.models import Message, Recipient
 
@@ -36,9 +39,15 @@ def api_auth(view: Callable) -> Callable:
     def wrapper(request, *args, **kwargs):
         header = request.META.get("HTTP_AUTHORIZATION", "")
         if header:
+            ip = client_ip(request)
+            if throttle.refusal(None, ip):
+                response = _error(429, "too many failed authentications from this address; try again later")
+                response["Retry-After"] = str(throttle.window_seconds())
+                return response
             scheme, _, key = header.partition(" ")
             user = ApiToken.authenticate(key) if scheme.lower() == "token" and key.strip() else None
             if user is None:
+                throttle.record_failure(None, ip)
                 return _error(401, "invalid token")
             request.user = user
         elif not request.user.is_authenticated:

@@ -10,11 +10,13 @@ data: images: two locks, so a gap in one is not a hole.
 from __future__ import annotations
 
 import email
+import email.errors
 import email.policy
 import logging
 import re
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.message import Message
+from itertools import islice
 
 import nh3
 
@@ -22,6 +24,19 @@ log = logging.getLogger(__name__)
 
 MAX_PREVIEW_CHARS = 500_000
 MAX_PARTS = 500
+# What the page reads of a stored message, whatever its size. Parsing costs per part, per line and per encoded
+# word (a 7 MB message of 200,000 parts took 25 s whole), so each is bounded before parsing starts: the first
+# MAX_PARSE_BYTES, cut before the MAX_PARTS-th MIME boundary, a header section of MAX_HEADER_BYTES; then
+# MAX_HEADERS header fields shown, MAX_HEADER_CHARS of each, MAX_DECODED_CHARS of them decoded, MAX_RESULTS
+# relay hops and authentication results. Within these any message is read in a fraction of a second; the
+# download of the original stays whole.
+MAX_PARSE_BYTES = 1024 * 1024
+MAX_HEADER_BYTES = 256 * 1024
+MAX_HEADERS = 500
+MAX_HEADER_CHARS = 8000
+MAX_DECODED_CHARS = 100_000
+MAX_RESULTS = 200
+LONG_VALUE_MARK = " [...]"
 
 
 @dataclass
@@ -44,10 +59,15 @@ class ParsedMessage:
     html: str | None = None
     parts: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # True when only a first piece of the message was read (too large, or too many parts, to show whole).
+    truncated: bool = False
 
     def header(self, name: str) -> str:
         name = name.lower()
         return next((value for key, value in self.headers if key.lower() == name), "")
+
+
+LONG_VALUE_MARK = " [...]"
 
 
 def _decode_header(name: str, value: str) -> str:
@@ -57,28 +77,117 @@ def _decode_header(name: str, value: str) -> str:
         return value
 
 
-def parse(data: bytes | memoryview | None) -> ParsedMessage:
+def _shown_headers(msg: Message, parsed: ParsedMessage) -> None:
+    """The first MAX_HEADERS header fields, decoded (RFC 2047) while the budget of MAX_DECODED_CHARS lasts,
+    then as they came; a value longer than MAX_HEADER_CHARS is cut."""
+    budget, long_values = MAX_DECODED_CHARS, False
+    for name, raw in islice(msg.raw_items(), MAX_HEADERS):
+        value = str(raw)
+        if len(value) > MAX_HEADER_CHARS:
+            value, long_values = value[:MAX_HEADER_CHARS] + LONG_VALUE_MARK, True
+        elif budget > 0:
+            budget -= len(value)
+            value = _decode_header(name, value)
+        parsed.headers.append((name, value))
+    if long_values:
+        parsed.problems.append(f"Some header fields are longer than {MAX_HEADER_CHARS:,} characters: only their "
+                               "beginning is shown.")
+    if budget <= 0:
+        parsed.problems.append("The header fields are too many or too long to decode all: the last ones are "
+                               "shown as they came.")
+    if len(msg) > MAX_HEADERS:
+        parsed.truncated = True
+        parsed.problems.append(f"This message has {len(msg):,} header fields: only the first {MAX_HEADERS} are "
+                               "shown.")
+
+
+def _line_end_before(piece: bytes, limit: int) -> int:
+    """Where to cut `piece` to at most `limit` bytes: after the last line break before it, unless that would
+    throw much away (a body without line breaks)."""
+    end = piece.rfind(b"\n", max(0, limit - 64 * 1024), limit)
+    return end + 1 if end >= 0 else limit
+
+
+def _cut(data: bytes, size: int) -> tuple[bytes, list[str]]:
+    """The piece of a message the page reads, and what it says about the rest.
+
+    At most MAX_PARSE_BYTES, ended at a line's end; a header section of at most MAX_HEADER_BYTES (then nothing
+    after it); and ended before the MAX_PARTS-th line that starts with '--' (a MIME boundary, or a line that
+    only looks like one: cutting there too early costs a little of the preview, never the time) when it is
+    multipart. Each is one pass in C over the bytes, before any parsing."""
+    notes = []
+    piece = data[:MAX_PARSE_BYTES]
+    if size > len(piece):
+        piece = piece[:_line_end_before(piece, len(piece))]
+        notes.append(f"This message is {_megabytes(size)}: only its first {_megabytes(len(piece))} are read for "
+                     "this page.")
+    blank = min((i for i in (piece.find(b"\n\n"), piece.find(b"\n\r\n")) if i >= 0), default=-1)
+    if (blank < 0 or blank > MAX_HEADER_BYTES) and len(piece) > MAX_HEADER_BYTES:
+        piece = piece[:_line_end_before(piece, MAX_HEADER_BYTES)]
+        notes.append(f"The header section is larger than {_megabytes(MAX_HEADER_BYTES)}: only its beginning is "
+                     "read, and none of the body.")
+    cut = _before_boundary(piece, MAX_PARTS)
+    if cut is not None:
+        piece = piece[:cut]
+        notes.append(f"This message has more than {MAX_PARTS - 1} MIME parts: only the first {MAX_PARTS - 1} are "
+                     "read.")
+    return piece, notes
+
+
+_MULTIPART = re.compile(rb"content-type:[ \t]*multipart/", re.IGNORECASE)
+
+
+def _before_boundary(piece: bytes, count: int) -> int | None:
+    """Where the `count`-th line starting with '--' of a multipart message begins; None when it has fewer (or
+    is not multipart: a text full of '--' lines is cut by size only)."""
+    if not _MULTIPART.search(piece):
+        return None
+    position = -1
+    for _ in range(count):
+        position = piece.find(b"\n--", position + 1)
+        if position < 0:
+            return None
+    return position + 1
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB" if size >= 1000 * 1024 else f"{size / 1024:.0f} KB"
+
+
+def parse(data: bytes | memoryview | None, *, size: int | None = None) -> ParsedMessage:
+    """Read a stored message for the page. `data` may be the message's first bytes only (the view reads no more
+    than MAX_PARSE_BYTES of it); `size` is then the whole message's size."""
     parsed = ParsedMessage()
     if not data:
         parsed.problems.append("The original message is not stored.")
         return parsed
+    data = bytes(data)
+    piece, notes = _cut(data, max(size or 0, len(data)))
+    if notes:
+        parsed.truncated = True
+        parsed.problems.extend(notes)
     try:
-        msg = email.message_from_bytes(bytes(data), policy=email.policy.default)
+        # The structure with the compat32 policy: it keeps header values as the strings they came as, where
+        # the default policy builds an object for every header it is asked about (a tenth of a millisecond each,
+        # several per part); the headers shown are decoded one by one, with the default policy.
+        msg = email.message_from_bytes(piece, policy=email.policy.compat32)
     except Exception as exc:  # noqa: BLE001
         log.info("message does not parse: %s", exc)
         parsed.problems.append(f"The message does not parse as MIME ({type(exc).__name__}).")
         return parsed
     try:
-        parsed.headers = [(name, _decode_header(name, value)) for name, value in msg.raw_items()]
+        _shown_headers(msg, parsed)
     except Exception as exc:  # noqa: BLE001
         parsed.problems.append(f"Some headers could not be read ({type(exc).__name__}).")
     received = [value for name, value in parsed.headers if name.lower() == "received"]
     # Received headers are prepended by each relay: the last one is the first hop.
-    parsed.hops = [parse_received(value) for value in reversed(received)]
+    parsed.hops = [parse_received(value) for value in reversed(received[:MAX_RESULTS])]
     for name, value in parsed.headers:
-        if name.lower() == "authentication-results":
-            parsed.auth_results.extend(parse_authentication_results(value))
+        if name.lower() == "authentication-results" and len(parsed.auth_results) < MAX_RESULTS:
+            parsed.auth_results.extend(parse_authentication_results(value)[:MAX_RESULTS - len(parsed.auth_results)])
     for problem in msg.defects[:10] if hasattr(msg, "defects") else []:
+        if parsed.truncated and isinstance(problem, email.errors.CloseBoundaryNotFoundDefect):
+            continue  # the end was cut off here, not missing from the message
         parsed.problems.append(f"MIME defect: {type(problem).__name__}")
     try:
         _walk_parts(msg, parsed)
@@ -89,7 +198,7 @@ def parse(data: bytes | memoryview | None) -> ParsedMessage:
     return parsed
 
 
-def _walk_parts(msg: EmailMessage, parsed: ParsedMessage) -> None:
+def _walk_parts(msg: Message, parsed: ParsedMessage) -> None:
     for index, part in enumerate(msg.walk()):
         if index >= MAX_PARTS:
             parsed.problems.append(f"Only the first {MAX_PARTS} MIME parts are shown.")

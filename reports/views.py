@@ -13,7 +13,8 @@ from django import forms
 from django.contrib import messages as flash
 from django.contrib.auth.decorators import login_required
 from django.db import IntegrityError
-from django.db.models import Prefetch, Q, prefetch_related_objects
+from django.db.models import BinaryField, Prefetch, Q, prefetch_related_objects
+from django.db.models.functions import Length, Substr
 from django.http import Http404, HttpResponse, HttpResponseRedirect, QueryDict
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -23,7 +24,7 @@ from django.views.decorators.clickjacking import xframe_options_sameorigin
 from django.views.decorators.http import require_GET, require_POST
 
 from console.http import client_ip
-from gateway.access import may_release_virus
+from gateway.access import may_release_virus, recipients_in_scope
 from gateway.models import AuditEvent, Message, RawMessage, Recipient, Verdict, record_audit
 
 from . import exports, mailparse, stats
@@ -178,12 +179,19 @@ def saved_filter_delete(request, pk: int):
 
 # --- Message detail --------------------------------------------------------------------------------------
 
-def _quarantine_actions(message: Message, user) -> list[dict]:
-    """The quarantine actions this user may take on this message (a virus is released by administrators)."""
-    choices = [("learn", "Learn as spam", {"as": "spam"}), ("learn", "Learn as ham", {"as": "ham"}),
-               ("delete", "Delete", {})]
-    if message.verdict != Verdict.VIRUS or may_release_virus(user):
-        choices.insert(0, ("release", "Release", {}))
+def _quarantine_actions(message: Message, user, *, has_raw: bool) -> list[dict]:
+    """The quarantine actions this user may take on this message, as the quarantine itself decides them
+    (gateway.access): release and delete for the held recipients they act for (a virus is released by
+    administrators), learning for a recipient's message. None for a message they see only as its sender."""
+    held = recipients_in_scope(message.recipients.filter(status=Recipient.Status.QUARANTINED), user).exists()
+    recipient = held or recipients_in_scope(message.recipients.all(), user).exists()
+    choices = []
+    if held and (message.verdict != Verdict.VIRUS or may_release_virus(user)):
+        choices.append(("release", "Release", {}))
+    if recipient and has_raw:
+        choices += [("learn", "Learn as spam", {"as": "spam"}), ("learn", "Learn as ham", {"as": "ham"})]
+    if held:
+        choices.append(("delete", "Delete", {}))
     return [{"name": name, "label": label, "url": reverse(f"quarantine:{name}", args=[message.queue_id]),
              "extra": extra} for name, label, extra in choices]
 
@@ -193,12 +201,24 @@ def _raw_bytes(message: Message) -> bytes | None:
     return bytes(data) if data is not None else None
 
 
+def _raw_head(message: Message) -> tuple[bytes | None, int]:
+    """The first mailparse.MAX_PARSE_BYTES of the stored original (what the pages read of it), and its whole
+    size: a 25 MB message costs the page what a 1 MB one does."""
+    row = (RawMessage.objects.filter(message=message)
+           .annotate(head=Substr("data", 1, mailparse.MAX_PARSE_BYTES, output_field=BinaryField()),
+                     stored=Length("data"))
+           .values_list("head", "stored").first())
+    if row is None or row[0] is None:
+        return None, 0
+    return bytes(row[0]), int(row[1] or 0)
+
+
 @login_required
 @require_GET
 def message_detail(request, queue_id: str):
     message = message_for(request.user, queue_id)
-    raw = _raw_bytes(message)
-    parsed = mailparse.parse(raw) if raw is not None else mailparse.parse(None)
+    raw, size = _raw_head(message)
+    parsed = mailparse.parse(raw, size=size)
     rules = sorted((r for r in message.spam_rules if isinstance(r, dict)) if isinstance(message.spam_rules, list)
                    else [], key=lambda r: -(r.get("score") or 0) if isinstance(r.get("score"), (int, float)) else 0)
     is_quarantined = message.quarantined or message.state == Message.State.QUARANTINED
@@ -215,7 +235,8 @@ def message_detail(request, queue_id: str):
         "is_quarantined": is_quarantined,
         "show_preview": raw is not None and is_quarantined,
         "can_download": can_download(request.user) and raw is not None,
-        "actions": _quarantine_actions(message, request.user) if message.state == Message.State.QUARANTINED else [],
+        "actions": _quarantine_actions(message, request.user, has_raw=raw is not None)
+        if message.state == Message.State.QUARANTINED else [],
     })
 
 
@@ -239,10 +260,10 @@ def message_download(request, queue_id: str):
 @require_GET
 def message_preview(request, queue_id: str):
     message = message_for(request.user, queue_id)
-    raw = _raw_bytes(message)
+    raw, size = _raw_head(message)
     if raw is None:
         raise Http404("original not stored")
-    parsed = mailparse.parse(raw)
+    parsed = mailparse.parse(raw, size=size)
     html = mailparse.sanitize_html(parsed.html) if parsed.html else None
     response = render(request, "reports/preview.html", {"html": html, "text": parsed.text, "parsed": parsed})
     response["Content-Security-Policy"] = PREVIEW_CSP

@@ -12,6 +12,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 
 import dns.reversename
 
@@ -22,6 +23,7 @@ from gateway.mailauth.spf import SPFResult, check_spf
 from gateway.mailbytes import header_section
 from gateway.models import CheckAction, Message
 
+from . import senders
 from .config import CheckConfig
 from .results import TEMPERROR, CheckResult, decide
 
@@ -351,8 +353,10 @@ def dmarc_names(domain: str) -> list[str]:
 
 
 def authenticate_message(data: bytes, spf_result: SPFResult | None, resolver: Resolver, config: CheckConfig,
-                         authserv_id: str, from_domains: list[str] | None = None) -> tuple[list[CheckResult], str]:
-    """DKIM (every signature) and DMARC on the message; the Authentication-Results header field.
+                         authserv_id: str, from_domains: list[str] | None = None, *, protected: Sequence[str] = (),
+                         client_ip: str | None = None) -> tuple[list[CheckResult], str]:
+    """DKIM (every signature), DMARC and, when the message claims some of our domains (`protected`, see
+    gateway.policy.senders), the protected-sender check; the Authentication-Results header field.
 
     Blocking (DNS, RSA): the SMTP server runs it in a thread, or inline when the message is unsigned and the
     DMARC records are in the resolver's cache.
@@ -362,7 +366,8 @@ def authenticate_message(data: bytes, spf_result: SPFResult | None, resolver: Re
     started = time.monotonic()
     if is_signed(data) and (config.action("dkim") != CheckAction.OFF or
                             config.action("dmarc_reject") != CheckAction.OFF or
-                            config.action("dmarc_quarantine") != CheckAction.OFF):
+                            config.action("dmarc_quarantine") != CheckAction.OFF or
+                            (protected and config.action("protected_sender") != CheckAction.OFF)):
         try:
             signatures = dkim_auth.verify(data, resolver)
         except Exception as exc:  # noqa: BLE001 - a message dkimpy cannot parse has no usable signature
@@ -430,6 +435,8 @@ def authenticate_message(data: bytes, spf_result: SPFResult | None, resolver: Re
                 **detail))
             if chosen.result == "permerror":
                 results[-1].result = "permerror"
+    if protected and config.action("protected_sender") != CheckAction.OFF:
+        results.append(senders.protected_sender(protected, spf_result, signatures, client_ip, config))
     header = ""
     if spf_result is not None or signatures or chosen is not None:
         header = "Authentication-Results: " + dmarc_auth.authentication_results(

@@ -5,9 +5,11 @@ smtpd_delay_reject: the DNS questions about the client start at connect, about t
 the sender at MAIL, all in the background while the client goes on; each RCPT awaits them and refuses with
 the first one whose action refuses. So every refusal is logged with its sender and recipient, and a client
 that mishandles a refused greeting or MAIL still gets a clean answer. Exceptions: per-IP limits and early
-talkers (before the greeting), the message rate (at MAIL), DKIM and DMARC (after DATA). Trusted networks
-and authenticated users skip the checks (not the size and syntax rules); postmaster@ and abuse@ of our
-domains skip the RCPT-time refusals (RFC 5321 §4.5.1).
+talkers (before the greeting), the message rate (at MAIL), DKIM, DMARC and the protected-sender check
+(after DATA). Trusted networks and authenticated users skip the checks (not the size and syntax rules);
+authenticated mail is held to its login's addresses instead (gateway.policy.senders: the envelope sender at
+MAIL, the header From and Sender after DATA). postmaster@ and abuse@ of our domains skip the RCPT-time
+refusals (RFC 5321 §4.5.1).
 
 `Enforcer` is shared by every connection of one SMTP server; the per-connection and per-transaction state
 lives in gateway.policy.state. Every refusal is logged (gateway.intake.store.log_refusal) before it is
@@ -26,11 +28,12 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 
+from gateway.access import SenderRights
 from gateway.intake.store import log_refusal
 from gateway.mailauth.dns import TemporaryDNSError
 from gateway.models import CheckAction, Domain, Message
 
-from . import checks
+from . import checks, senders
 from .callahead import CallAhead
 from .config import CheckConfig, ServerConfig, ServerConfigCache, defaults, dns_checks_enabled, dns_checks_state
 from .dnscache import CachingResolver
@@ -204,13 +207,15 @@ class Enforcer:
 
     async def refuse(self, session, envelope, reason: str, reply: str, recipient: str = "", *,
                      recipients: list[str] | None = None, data: bytes | None = None,
-                     more: list[CheckResult] = ()) -> str:
-        """Log an attempt refused at SMTP time; a logging failure must not change the reply."""
+                     more: list[CheckResult] = (), sender: str | None = None) -> str:
+        """Log an attempt refused at SMTP time; a logging failure must not change the reply. `sender`: the
+        envelope sender to log when the envelope does not hold it yet (a refused MAIL)."""
         try:
             await self.run_sync(
                 log_refusal, reason=reason, reply=reply, client_ip=getattr(session, "client_ip", None),
                 client_name=await self.client_name(session), helo=session.host_name or "",
-                sender=envelope_sender(envelope), recipient=recipient, recipients=recipients, data=data,
+                sender=envelope_sender(envelope) if sender is None else sender, recipient=recipient,
+                recipients=recipients, data=data,
                 authenticated_as=getattr(session, "auth_user", "") or "",
                 checks=self.checks_of(session, envelope, more))
         except Exception:  # noqa: BLE001
@@ -301,8 +306,9 @@ class Enforcer:
 
     # --- MAIL FROM -------------------------------------------------------------------------------------
 
-    async def at_mail(self, session, envelope) -> str:
-        """The message rate of the client: a refusal reply (logged), or '' to go on."""
+    async def at_mail(self, session, envelope, sender: str) -> str:
+        """The message rate of the client, and for authenticated mail whether its login owns the envelope
+        sender (`sender`, parsed; '' for the null sender): a refusal reply (logged), or '' to go on."""
         conn: Connection = session.conn
         txn: Transaction = envelope.txn
         config = self.config()
@@ -316,9 +322,32 @@ class Enforcer:
                                      detail={"messages_per_minute": round(rate, 1), "limit": limit})
                 if config.rate_limit_action != CheckAction.LOG:
                     result.reply = f"421 4.7.0 Too many messages from [{ip}], slow down and try again later"
-                    return await self.refuse(session, envelope, Refusal.RATE_LIMIT, result.reply, more=[result])
+                    return await self.refuse(session, envelope, Refusal.RATE_LIMIT, result.reply, more=[result],
+                                             sender=sender)
                 txn.results.append(result)
+        if session.authenticated:
+            return await self._sender_not_owned(session, envelope, sender)
         return ""
+
+    async def sender_rights(self, session) -> SenderRights:
+        """What the session's login may send as: read once per session, in the thread pool."""
+        username = getattr(session, "auth_user", "") or ""
+        held = getattr(session, "sender_rights", None)
+        if held is None or held.username != username:
+            held = session.sender_rights = await self.run_sync(senders.load_rights, username)
+        return held
+
+    async def _sender_not_owned(self, session, envelope, sender: str) -> str:
+        try:
+            rights = await self.sender_rights(session)
+        except Exception:  # noqa: BLE001 - without the login's addresses nothing is owned: defer, do not guess
+            log.exception("could not read the addresses of login %s", getattr(session, "auth_user", ""))
+            return await self.refuse(session, envelope, Refusal.SENDER_NOT_OWNED,
+                                     "451 4.3.0 Temporary local problem, please try again later", sender=sender)
+        result = senders.envelope_sender_check(rights, sender)
+        if result is None:
+            return ""
+        return await self.refuse(session, envelope, result.reason, result.reply, sender=sender, more=[result])
 
     def start_sender_checks(self, session, envelope, sender: str, sender_domain: str) -> None:
         """Start the checks of the envelope sender (its domain, SPF); their results are awaited at RCPT."""
@@ -493,33 +522,74 @@ class Enforcer:
     # --- DATA ------------------------------------------------------------------------------------------
 
     async def at_data(self, session, envelope, data: bytes) -> tuple[str, list[CheckResult], str]:
-        """DKIM and DMARC of the message: (a refusal reply, logged, or ''; their results; the header they add)."""
+        """After DATA: for authenticated mail, whether its login owns the header From and Sender (and may use
+        the null sender); for mail from outside, DKIM, DMARC and the protected-sender check. (A refusal reply,
+        logged, or ''; their results; the header they add.)"""
         conn: Connection = session.conn
         txn: Transaction = envelope.txn
+        owned: list[CheckResult] = []
+        if session.authenticated:
+            refused, result = await self._headers_not_owned(session, envelope, data)
+            if refused:
+                return refused, [result] if result else [], ""
+            owned.append(result)
         if txn.exempt or conn.mode != MX or not dns_checks_enabled():
-            return "", [], ""
+            return "", owned, ""
         config = self.config()
         await self.settle(txn.pending, txn.results)  # the SPF result, for DMARC
         wanted = any(config.values.get(f"{name}_action", CheckAction.OFF) != CheckAction.OFF
                      for name in ("dkim", "dmarc_reject", "dmarc_quarantine"))
-        if not wanted and txn.spf is None:
-            return "", [], ""
+        protecting = config.action("protected_sender") != CheckAction.OFF
+        if not wanted and txn.spf is None and not protecting:
+            return "", owned, ""
         try:
-            more, header = await self._authenticate(data, txn, config)
+            domains = checks.header_from_domains(data)
+        except Exception:  # noqa: BLE001 - a From no parser can read names no domain (DMARC: none)
+            log.exception("could not read the From domains")
+            domains = []
+        protected: list[str] = []
+        if protecting:
+            snapshot = self.config_cache.peek()
+            protected = senders.claimed_protected_domains(
+                envelope_sender(envelope), domains, snapshot.domains if snapshot is not None else ())
+        if not wanted and txn.spf is None and not protected:
+            return "", owned, ""
+        try:
+            more, header = await self._authenticate(data, txn, config, domains, protected, session.client_ip)
         except Exception as exc:  # noqa: BLE001
             log.exception("DKIM/DMARC failed")
             more, header = [CheckResult("dmarc", "error", detail={"error": str(exc)[:200]})], ""
+            if protected:  # a claim of our domain that could not be checked is deferred where the action refuses
+                more.append(senders.protected_sender_unchecked(protected, config, str(exc)))
+        more = owned + more
         for result in more:
             if result.refuses:
                 return await self.refuse(session, envelope, result.reason, result.reply,
                                          recipients=list(envelope.rcpt_tos), data=data, more=more), more, header
         return "", more, header
 
-    async def _authenticate(self, data: bytes, txn: Transaction, config: CheckConfig) -> tuple[list, str]:
-        """DKIM and DMARC. An unsigned message whose DMARC records the resolver has (or can fetch here,
-        without blocking) is judged on the event loop; a signed one (key lookups, RSA) in a thread."""
+    async def _headers_not_owned(self, session, envelope, data: bytes) -> tuple[str, CheckResult | None]:
+        """The header From and Sender of authenticated mail, and its null sender: (a refusal, logged, or ''; the
+        result for Message.checks)."""
+        try:
+            rights = await self.sender_rights(session)
+        except Exception:  # noqa: BLE001 - without the login's addresses nothing is owned: defer, do not guess
+            log.exception("could not read the addresses of login %s", getattr(session, "auth_user", ""))
+            reply = "451 4.3.0 Temporary local problem, please try again later"
+            return await self.refuse(session, envelope, Refusal.SENDER_NOT_OWNED, reply,
+                                     recipients=list(envelope.rcpt_tos), data=data), None
+        result = senders.header_check(rights, envelope_sender(envelope), data)
+        if result.refuses:
+            return await self.refuse(session, envelope, result.reason, result.reply,
+                                     recipients=list(envelope.rcpt_tos), data=data, more=[result]), result
+        return "", result
+
+    async def _authenticate(self, data: bytes, txn: Transaction, config: CheckConfig, domains: list[str],
+                            protected: list[str], client_ip: str | None) -> tuple[list, str]:
+        """DKIM, DMARC and the protected-sender check. An unsigned message whose DMARC records the resolver
+        has (or can fetch here, without blocking) is judged on the event loop; a signed one (key lookups, RSA)
+        in a thread."""
         resolver = self.resolver
-        domains = checks.header_from_domains(data)
         inline = resolver.cache.ttl > 0 and not checks.is_signed(data)
         if inline:
             try:
@@ -531,9 +601,10 @@ class Enforcer:
             except TemporaryDNSError:
                 inline = False  # not in the cache: the evaluation would block on DNS
         if inline:
-            return checks.authenticate_message(data, txn.spf, resolver, config, settings.SMTP_HOSTNAME, domains)
+            return checks.authenticate_message(data, txn.spf, resolver, config, settings.SMTP_HOSTNAME, domains,
+                                               protected=protected, client_ip=client_ip)
         return await asyncio.to_thread(checks.authenticate_message, data, txn.spf, resolver, config,
-                                       settings.SMTP_HOSTNAME, domains)
+                                       settings.SMTP_HOSTNAME, domains, protected=protected, client_ip=client_ip)
 
     # --- SMTP AUTH -------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
 
@@ -21,6 +22,10 @@ class Address:
 
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}" if self.domain else self.local
+
+
+_SPECIALS = frozenset('()<>[]:;,\\"')
+_QUOTED_CONTENT = re.compile(r'(?:[^"\\\x00-\x1f\x7f]|\\[\x20-\x7e])*')
 
 
 def parse_address(value: str, *, allow_null: bool = False) -> Address:
@@ -46,7 +51,12 @@ def parse_address(value: str, *, allow_null: bool = False) -> Address:
     unquoted = local[1:-1] if len(local) >= 2 and local[0] == local[-1] == '"' else local
     if any(c in unquoted for c in "%!@") or any(c in local for c in "\r\n\0"):
         raise AddressError("5.7.1", "Relaying through the local part (%, !, @) is not accepted")
-    if any(c.isspace() for c in unquoted) and unquoted == local:
+    if unquoted == local:
+        # A Dot-string (RFC 5321 §4.1.2): atoms of atext (and UTF-8, RFC 6531), no specials, no spaces.
+        if any(c.isspace() or c in _SPECIALS or ord(c) < 32 or ord(c) == 127 for c in local):
+            raise AddressError("5.1.3", f"Bad address syntax: {value}")
+    elif not _QUOTED_CONTENT.fullmatch(unquoted):
+        # A Quoted-string: printable characters, a quote or backslash only as a quoted pair.
         raise AddressError("5.1.3", f"Bad address syntax: {value}")
     # One trailing dot is the root of the DNS (an absolute name); more are a syntax error.
     domain = (domain[:-1] if domain.endswith(".") else domain).lower()

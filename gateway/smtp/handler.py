@@ -23,6 +23,7 @@ from gateway.policy.enforce import Enforcer
 from gateway.policy.state import MX, Connection, Transaction, envelope_sender
 
 from .addresses import AddressError, parse_address
+from .data import DataMemory, spool_directory
 
 log = logging.getLogger(__name__)
 Refusal = Message.Refusal
@@ -40,6 +41,10 @@ class GatewayHandler:
         self.transactions_in_flight = 0
         self.checks = Enforcer(self.config_cache, self.run_sync)
         self.writer = IntakeWriter.for_database(self.run_sync)
+        # Message data is spooled to disk beyond SMTP_DATA_SPOOL_THRESHOLD per connection, and held in
+        # memory (to be checked and stored) for SMTP_DATA_MEMORY bytes at most in all (gateway.smtp.data).
+        self.data_memory = DataMemory(settings.SMTP_DATA_MEMORY)
+        self.spool_directory = spool_directory(str(settings.SMTP_SPOOL_DIR))
 
     async def run_sync(self, func, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(func, *args, **kwargs))
@@ -76,7 +81,7 @@ class GatewayHandler:
         if parsed.domain and "." not in parsed.domain:
             reply = f"550 5.1.8 Sender domain {parsed.domain} is not fully qualified"
             return await self.checks.refuse(session, envelope, Refusal.BAD_SENDER, reply)
-        refused = await self.checks.at_mail(session, envelope)
+        refused = await self.checks.at_mail(session, envelope, str(parsed))
         if refused:
             return refused
         # aiosmtpd takes an empty mail_from for "no MAIL yet": the null sender is kept as "<>".

@@ -58,7 +58,7 @@ def generate_self_signed(hostname: str, cert_path: Path, key_path: Path, days: i
             .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
-    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_atomically(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()), 0o600)
     _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
