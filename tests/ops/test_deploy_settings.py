@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.support import services
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -119,9 +120,7 @@ def test_check_deploy_is_clean_with_the_compose_environment(operator_env, tmp_pa
 
 
 def test_docker_compose_accepts_the_file(operator_env, tmp_path):
-    tool = shutil.which("docker-compose")
-    if tool is None:
-        pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
+    tool = services.require_binary("docker-compose")  # Debian's docker-compose: `config` needs no Docker daemon
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **operator_env}
     done = subprocess.run([tool, "-f", str(COMPOSE), "config", "-q"], env=env, capture_output=True, text=True,
                           timeout=60)
