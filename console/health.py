@@ -91,6 +91,9 @@ def clamd() -> Component:
         return Component("clamd", RED, f"answered something else than its version: {answer[:60]!r}")
     version, _, rest = answer.partition("/")
     signatures, _, dated = rest.partition("/")
+    if not rest:
+        # Only local signature files (no daily/main database): clamd then names no version or date of them.
+        return Component("clamd", GREEN, "reachable", [("version", version), ("signatures", "local files only")])
     details = [("version", version), ("signatures", signatures or "?"), ("signature date", dated or "?")]
     try:
         age = timezone.now() - timezone.make_aware(time_of(dated), timezone.get_fixed_timezone(0))
