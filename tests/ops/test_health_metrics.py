@@ -174,3 +174,25 @@ def test_a_heartbeat_thread_writes_its_row_and_removes_it_on_stop(transactional_
     assert NodeHeartbeat.objects.filter(kind=kind, pid=os.getpid()).exists()
     beat.stop()
     assert not NodeHeartbeat.objects.filter(kind=kind).exists()
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_we_export(db, client, settings):
+    """conf/grafana/mailgate-dashboard.json: every mailgate_ series it queries is one /metrics can answer."""
+    import json
+    import re
+    from pathlib import Path
+
+    settings.METRICS_ALLOW = ["127.0.0.1"]
+    metrics.count("mailgate_messages_accepted")
+    metrics.observe("mailgate_scan_seconds", 0.2)
+    metrics.observe("mailgate_delivery_seconds", 2.0)
+    metrics.flush()
+    exported = set()
+    for family in text_string_to_metric_families(client.get("/metrics").content.decode()):
+        exported.add(family.name)
+        exported.update(sample.name for sample in family.samples)
+    exported |= {f"{name}_total" for name in exported}
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "conf/grafana/mailgate-dashboard.json").read_text())
+    asked = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"mailgate_\w+", target["expr"])}
+    assert asked and asked <= exported, asked - exported
