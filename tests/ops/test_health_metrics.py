@@ -196,3 +196,28 @@ def test_the_grafana_dashboard_asks_only_for_metrics_we_export(db, client, setti
     asked = {name for panel in dashboard["panels"] for target in panel["targets"]
              for name in re.findall(r"mailgate_\w+", target["expr"])}
     assert asked and asked <= exported, asked - exported
+
+
+def test_the_smtp_server_beats_with_its_open_connections(transactional_db, client, settings):
+    """runsmtp's own heartbeat (gateway.smtp.serve): its row says how many connections are open, /metrics too."""
+    import time
+
+    from tests.support.servers import GatewayServer
+
+    settings.HEARTBEAT_SECONDS = 0.1
+    settings.SMTP_REVERSE_DNS = False
+    settings.METRICS_ALLOW = ["127.0.0.1"]
+    server = GatewayServer().start()
+    try:
+        with server.client() as smtp:
+            smtp.ehlo()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not NodeHeartbeat.objects.filter(kind="smtp",
+                                                                                   smtp_connections=1).exists():
+                time.sleep(0.05)
+            beat = NodeHeartbeat.objects.get(kind="smtp", pid=os.getpid())
+            assert beat.smtp_connections == 1 and beat.node == settings.NODE_NAME
+            assert scrape(client)[("mailgate_smtp_connections_open", ())] == 1
+    finally:
+        server.stop()
+    assert not NodeHeartbeat.objects.filter(kind="smtp").exists()  # a clean stop removes its row
