@@ -50,6 +50,23 @@ def _database_connections(signal=None, **kwargs) -> None:
             connection.health_check_done = True
 
 
+_heartbeat = []
+
+
+@signals.worker_ready.connect
+def _start_heartbeat(**kwargs) -> None:
+    # The worker's row on the status page and its counters for /metrics (gateway/heartbeat.py).
+    from gateway.heartbeat import Heartbeat
+
+    _heartbeat.append(Heartbeat("worker").start())
+
+
+@signals.worker_shutdown.connect
+def _stop_heartbeat(**kwargs) -> None:
+    while _heartbeat:
+        _heartbeat.pop().stop()
+
+
 ASYNCHRONOUS_COMMIT = "mailgate-asynchronous-commit"
 
 

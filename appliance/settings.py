@@ -371,6 +371,22 @@ SMTP_SMTPS_LISTEN = os.getenv("SMTP_SMTPS_LISTEN", "")
 SMTP_CALLAHEAD_TIMEOUT = envfloat("SMTP_CALLAHEAD_TIMEOUT", "10")
 SMTP_CALLAHEAD_SENDER = os.getenv("SMTP_CALLAHEAD_SENDER", "")
 
+# --- Running it: the mail queue, status, health and metrics (issue 16; docs/operations.md) ----------------
+# A warning (DSN, Action: delayed) goes to the sender once per recipient still deferred this many hours after
+# the message arrived; 0: no warnings.
+DELAY_WARNING_HOURS = envfloat("DELAY_WARNING_HOURS", "4")
+# A route whose last this many deliveries (the newest recipients sent to it) all failed shows as failing.
+ROUTE_FAILING_AFTER = envint("ROUTE_FAILING_AFTER", "5")
+# Seconds between the heartbeats of the SMTP server and the workers (their row on the status page, and
+# their counters added to the database for /metrics).
+HEARTBEAT_SECONDS = envfloat("HEARTBEAT_SECONDS", "15")
+# /metrics answers a request with "Authorization: Bearer METRICS_TOKEN", or one from METRICS_ALLOW
+# (addresses or networks; the client address as console.http.client_ip reads it). Neither: 403.
+METRICS_TOKEN = os.getenv("METRICS_TOKEN", "")
+METRICS_ALLOW = envlist("METRICS_ALLOW", "127.0.0.1,::1")
+CELERY_BEAT_SCHEDULE["delay_warnings"] = {"task": "gateway.tasks.delay_warnings",
+                                          "schedule": envfloat("DELAY_WARNING_INTERVAL", "300")}
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -23,6 +23,8 @@ from gateway.models import (
     GreylistEntry,
     MailFlowSettings,
     Message,
+    MetricTotal,
+    NodeHeartbeat,
     RawMessage,
     Recipient,
     RecipientVerification,
@@ -211,6 +213,22 @@ class AuditEventAdmin(ReadOnlyAdmin):
     date_hierarchy = "at"
     list_select_related = ("message",)
     show_full_result_count = False
+
+
+@admin.register(NodeHeartbeat)
+class NodeHeartbeatAdmin(ReadOnlyAdmin):
+    """Written by the processes themselves (gateway/heartbeat.py); shown on /status/."""
+
+    list_display = ("node", "kind", "pid", "version", "started_at", "seen_at", "smtp_connections")
+    list_filter = ("node", "kind")
+
+
+@admin.register(MetricTotal)
+class MetricTotalAdmin(ReadOnlyAdmin):
+    """The counters the processes add up (gateway/metrics.py); served at /metrics."""
+
+    list_display = ("node", "name", "labels", "value")
+    list_filter = ("node", "name")
 
 
 # --- People ----------------------------------------------------------------------------------------

@@ -414,6 +414,7 @@ class Recipient(models.Model):
         RELEASED = "released", "Released, waiting for delivery"
         DELETED = "deleted", "Deleted"
         REFUSED = "refused", "Refused at SMTP time"
+        HELD = "held", "On hold in the mail queue (not delivered until released)"
 
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="recipients")
     address = models.CharField(max_length=320, db_index=True)
@@ -429,6 +430,8 @@ class Recipient(models.Model):
     claimed_at = models.DateTimeField(null=True, blank=True)
     delivered_at = models.DateTimeField(null=True, blank=True)
     dsn_sent = models.BooleanField(default=False, help_text="A failure notice went to the envelope sender")
+    delay_warned = models.BooleanField(default=False, help_text="A delay warning (DSN, Action: delayed) went to "
+                                                                "the envelope sender")
 
     class Meta:
         ordering = ["id"]
@@ -443,8 +446,10 @@ class Recipient(models.Model):
         super().save(*args, **kwargs)
 
 
-# A recipient in these statuses is still on its way: its message keeps its bytes.
-ACTIVE_RECIPIENT_STATUSES = [Recipient.Status.PENDING, Recipient.Status.DEFERRED, Recipient.Status.DELIVERING]
+# A recipient in these statuses is still on its way: its message keeps its bytes. One on hold in the mail queue
+# is too: it waits for an administrator, not for a worker.
+ACTIVE_RECIPIENT_STATUSES = [Recipient.Status.PENDING, Recipient.Status.DEFERRED, Recipient.Status.DELIVERING,
+                             Recipient.Status.HELD]
 
 
 class RawMessage(models.Model):
@@ -795,3 +800,48 @@ class SenderListEntry(models.Model):
     def save(self, *args, **kwargs):
         self.sender = self.sender.strip().lower()
         super().save(*args, **kwargs)
+
+
+
+# --- Running it: the heartbeat of each process and the counters they export (issue 16; docs/operations.md) ------
+
+
+class NodeHeartbeat(models.Model):
+    """One running process of the mail path (an SMTP server, a worker) as it last reported itself: written by
+    the process every HEARTBEAT_SECONDS, read by the status page and /metrics."""
+
+    class Kind(models.TextChoices):
+        SMTP = "smtp", "SMTP server"
+        WORKER = "worker", "Worker"
+
+    node = models.CharField(max_length=100)
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    pid = models.PositiveIntegerField()
+    version = models.CharField(max_length=50, blank=True)
+    started_at = models.DateTimeField()
+    seen_at = models.DateTimeField(db_index=True)
+    smtp_connections = models.PositiveIntegerField(null=True, blank=True, help_text="Open SMTP connections now")
+
+    class Meta:
+        ordering = ["node", "kind", "pid"]
+        constraints = [models.UniqueConstraint(fields=["node", "kind", "pid"], name="unique_heartbeat")]
+
+    def __str__(self) -> str:
+        return f"{self.node} {self.kind}[{self.pid}]"
+
+
+class MetricTotal(models.Model):
+    """A counter (or a histogram's bucket, sum or count) of one node, as its processes added to it: each
+    process counts in memory and adds what it counted here every HEARTBEAT_SECONDS (gateway/metrics.py);
+    the web process serves the sums at /metrics."""
+
+    node = models.CharField(max_length=100)
+    name = models.CharField(max_length=100)
+    labels = models.CharField(max_length=300, blank=True, help_text="name=value pairs, sorted, tab-separated")
+    value = models.FloatField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["node", "name", "labels"], name="unique_metric_total")]
+
+    def __str__(self) -> str:
+        return f"{self.node} {self.name}{{{self.labels}}} {self.value}"

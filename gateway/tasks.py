@@ -12,6 +12,7 @@ import logging
 from celery import shared_task
 
 from gateway import sweep as sweeper
+from gateway.delivery import delays
 from gateway.delivery.attempt import run_delivery
 from gateway.scan import ScannerUnavailable
 from gateway.scan.run import learn, run_scan
@@ -53,3 +54,9 @@ def sweep() -> dict:
     if scans or deliveries or purged:
         log.info("sweep: %d scans, %d deliveries re-enqueued, %d purged", len(scans), len(deliveries), purged)
     return {"scans": len(scans), "deliveries": len(deliveries), "purged": purged}
+
+
+@shared_task(ignore_result=True)
+def delay_warnings() -> int:
+    """Every few minutes: a delay warning (DSN, Action: delayed) for what has waited DELAY_WARNING_HOURS."""
+    return delays.send_delay_warnings()

@@ -25,6 +25,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from console.http import client_ip
 from gateway.access import may_release_virus, recipients_in_scope
+from gateway.mailqueue.listing import failing_routes
 from gateway.models import AuditEvent, Message, RawMessage, Recipient, Verdict, record_audit
 
 from . import exports, mailparse, stats
@@ -81,6 +82,8 @@ def dashboard(request):
         "latest": latest,
         "charts": charts,
         "viewer": viewer,
+        # Routes whose last ROUTE_FAILING_AFTER deliveries all failed: administrators see every route.
+        "failing_routes": failing_routes() if viewer.role == "admin" else [],
     }
     return render(request, "reports/dashboard.html", context)
 

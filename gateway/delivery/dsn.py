@@ -99,14 +99,91 @@ def send_failure_notice(message: Message, failed: list[Recipient]) -> Message | 
     """Queue a DSN to the envelope sender; none for a null sender or for a DSN itself."""
     if not message.envelope_sender or message.direction == Message.Direction.DSN:
         return None
-    data = build_failure_notice(message, failed)
+    return queue_notice(message, build_failure_notice(message, failed),
+                        subject="Undelivered Mail Returned to Sender", note=f"failure notice for {message.queue_id}")
+
+
+# --- delay warnings (RFC 3464 Action: delayed) -------------------------------------------------------------
+
+def _delay_status(recipient: Recipient) -> str:
+    match = ENHANCED.search(recipient.reply_text or "")
+    return "4" + match.group(1)[1:] if match else "4.0.0"
+
+
+def build_delay_notice(message: Message, delayed: list[Recipient], retry_until) -> bytes:
+    """A warning to the sender that these recipients have not had the message yet and that it is still being
+    tried (until `retry_until`): no action is needed from them."""
+    host = settings.SMTP_HOSTNAME
+    boundary = f"=_delay_{message.queue_id}_{int(timezone.now().timestamp())}"
+    lines = [
+        f"This is the mail system at {host}.",
+        "",
+        "####################################################################",
+        "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+        "####################################################################",
+        "",
+        "Your message could not be delivered yet to the recipients below. It is",
+        f"still being tried, until {retry_until:%Y-%m-%d %H:%M %Z}; you will be told if it fails.",
+        "",
+        f"  Subject: {message.subject}",
+        f"  Queued as: {message.queue_id}, received {message.received_at:%Y-%m-%d %H:%M:%S %Z}",
+        "",
+    ]
+    for recipient in delayed:
+        lines.append(f"<{recipient.address}>: {recipient.reply_text or 'not delivered yet'}")
+    human = EmailMessage()
+    human.set_content("\n".join(lines) + "\n", cte="quoted-printable")
+    fields = [
+        f"Reporting-MTA: dns; {host}",
+        f"X-Mailgate-Queue-ID: {message.queue_id}",
+        f"Arrival-Date: {email.utils.format_datetime(message.received_at)}",
+    ]
+    for recipient in delayed:
+        fields += ["", f"Final-Recipient: rfc822; {recipient.address}", "Action: delayed",
+                   f"Status: {_delay_status(recipient)}"]
+        if recipient.reply_code:
+            diagnostic = re.sub(r"\s*\(from [^)]*\)$", "", recipient.reply_text)
+            fields.append(f"Diagnostic-Code: smtp; {' '.join(diagnostic.split())}")
+        fields.append(f"Will-Retry-Until: {email.utils.format_datetime(retry_until)}")
+    header_lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
+        f"To: <{message.envelope_sender}>",
+        "Subject: Delayed Mail (still being retried)",
+        f"Date: {email.utils.formatdate(localtime=False)}",
+        f"Message-ID: {email.utils.make_msgid(domain=host)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+    ]
+    parts = [
+        "\r\n".join(header_lines).encode() + b"\r\n\r\nThis is a MIME-encapsulated delivery status notification.\r\n",
+        f"--{boundary}\r\n".encode() + human.as_bytes(policy=email.policy.SMTP),
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n".encode()
+        + "\r\n".join(fields).encode("utf-8", "replace") + b"\r\n",
+        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode() + _original_headers(message),
+        f"--{boundary}--\r\n".encode(),
+    ]
+    return b"\r\n".join(p.rstrip(b"\r\n") for p in parts[:-1]) + b"\r\n" + parts[-1]
+
+
+def queue_notice(message: Message, data: bytes, *, subject: str, note: str) -> Message:
+    """A notice of ours to the envelope sender, logged and delivered like any message, without a scan."""
     notice = Message.objects.create(
         node=settings.NODE_NAME, direction=Message.Direction.DSN, state=Message.State.DELIVERING,
         envelope_sender="", header_from=f"MAILER-DAEMON@{settings.SMTP_HOSTNAME}",
-        subject="Undelivered Mail Returned to Sender", size=len(data), verdict=Verdict.CLEAN,
-        action="deliver", scanned_at=timezone.now(), scan_notes=[f"failure notice for {message.queue_id}"])
+        subject=subject, size=len(data), verdict=Verdict.CLEAN,
+        action="deliver", scanned_at=timezone.now(), scan_notes=[note])
     RawMessage.objects.create(message=notice, data=data)
     Recipient.objects.create(message=notice, address=message.envelope_sender.lower(), verdict=Verdict.CLEAN,
                              action="deliver", next_attempt_at=timezone.now())
     enqueue.delivery(notice.pk)
     return notice
+
+
+@transaction.atomic
+def send_delay_notice(message: Message, delayed: list[Recipient], retry_until) -> Message | None:
+    """Queue a delay warning to the envelope sender; none for a null sender or for a DSN itself."""
+    if not message.envelope_sender or message.direction == Message.Direction.DSN:
+        return None
+    return queue_notice(message, build_delay_notice(message, delayed, retry_until),
+                        subject="Delayed Mail (still being retried)", note=f"delay warning for {message.queue_id}")

@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
+from gateway import metrics
 from gateway.claims import backoff
 from gateway.db import statements
 from gateway.dispatch import enqueue
@@ -124,6 +125,9 @@ class Recorder:
             else:
                 delay = backoff(recipient.attempts, settings.DELIVERY_RETRY_BASE, settings.DELIVERY_RETRY_MAX)
                 recipient.status, recipient.next_attempt_at = Recipient.Status.DEFERRED, now + timedelta(seconds=delay)
+            metrics.count("mailgate_deliveries", outcome=recipient.status)
+            if delivered:
+                metrics.observe("mailgate_delivery_seconds", (now - self.message.received_at).total_seconds())
             groups[(held, recipient.status, recipient.attempts, recipient.delivered_at,
                     recipient.next_attempt_at)].append(recipient)
             log.info("%s to <%s>: %s (%s)", self.message.queue_id, recipient.address, recipient.status, text)
@@ -206,11 +210,16 @@ def retrying(message: Message, write, *args) -> Any:
             time.sleep(delay)
 
 
+def state_from(statuses: list[str], current: str) -> str:
+    """The message's state from its recipients' statuses (also for the mail queue's actions)."""
+    return _state_from(statuses, current)
+
+
 def _state_from(statuses: list[str], current: str) -> str:
     s = set(statuses)
     if Recipient.Status.QUARANTINED in s:
         return Message.State.QUARANTINED
-    busy = {Recipient.Status.PENDING, Recipient.Status.DEFERRED, Recipient.Status.DELIVERING}
+    busy = {Recipient.Status.PENDING, Recipient.Status.DEFERRED, Recipient.Status.DELIVERING, Recipient.Status.HELD}
     if s & busy:
         return current if current == Message.State.RELEASED else Message.State.DELIVERING
     failed = {Recipient.Status.BOUNCED, Recipient.Status.EXPIRED}

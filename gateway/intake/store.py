@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
+from gateway import metrics
 from gateway.dispatch import enqueue
 from gateway.models import Message, RawMessage, Recipient
 
@@ -54,3 +55,4 @@ def log_refusal(*, reason: str, reply: str, client_ip: str | None, client_name: 
         Recipient(message=message, address=address.lower()[:320], status=Recipient.Status.REFUSED,
                   reply_text=reply, domain=address.rsplit("@", 1)[-1].lower()[:253])
         for address in dict.fromkeys(addresses)])
+    metrics.count("mailgate_messages_refused", reason=reason)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import psycopg
 from django.db import DatabaseError, DataError, IntegrityError, connections
 
+from gateway import metrics
 from gateway.db import rowsql, statements
 from gateway.dispatch import enqueue
 from gateway.dispatch.scans import ScanSender
@@ -121,7 +122,9 @@ class IntakeWriter:
         return IntakeWriter(run_sync)
 
     async def store(self, envelope: Arrival, data: bytes) -> Stored:
-        return await self.group.submit((envelope, data))
+        stored = await self.group.submit((envelope, data))
+        metrics.count("mailgate_messages_accepted")
+        return stored
 
     async def _write_batch(self, items: list[tuple[Arrival, bytes]]) -> list[Stored]:
         stored = await self.run_sync(store_messages, items)

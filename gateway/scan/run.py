@@ -5,13 +5,14 @@ task delivers at once"). A scanner that does not answer defers the scan: never d
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from typing import NamedTuple
 
 from django.conf import settings
 from django.utils import timezone
 
-from gateway import claims
+from gateway import claims, metrics
 from gateway.db import statements
 from gateway.delivery import attempt as delivery
 from gateway.dispatch import enqueue
@@ -50,9 +51,11 @@ def run_scan(message_id: int) -> str:
         return "taken" if Message.objects.filter(pk=message_id).exists() else "gone"
     message, raw, recipient_count, pending = claimed
     config = MailFlowSettings.cached()
+    started = time.monotonic()
     try:
         outcome = verdict.scan(message, raw, config)
     except ScannerUnavailable as exc:
+        metrics.count("mailgate_scanner_errors", scanner=_scanner_of(exc))
         # Not delivered unscanned: the message waits, visibly, and is tried again later.
         delay = claims.backoff(message.attempts, settings.SCAN_RETRY_BASE, settings.SCAN_RETRY_MAX)
         Message.objects.filter(pk=message.pk, state=Message.State.SCANNING, claimed_at=message.claimed_at).update(
@@ -61,6 +64,8 @@ def run_scan(message_id: int) -> str:
         log.warning("scan of %s deferred for %ss: %s", message.queue_id, delay, exc)
         enqueue.scan(message.pk, countdown=delay)
         return "deferred"
+    metrics.observe("mailgate_scan_seconds", time.monotonic() - started)
+    metrics.count("mailgate_verdicts", verdict=outcome.verdict)
     held = record.hold_verdict(message, outcome, config, pending)
     if held is not None:
         # Delivered under the scan's claim, the verdict written with the delivery's outcome: one write
@@ -76,6 +81,12 @@ def run_scan(message_id: int) -> str:
         # sweeper retries them.
         delivery.deliver(message, raw, recipient_count=recipient_count, claimed=applied.claimed)
     return message.verdict
+
+
+def _scanner_of(exc: ScannerUnavailable) -> str:
+    # The scanners' errors name them first ("clamd at ...", "spamd at ..."): the label of the counter.
+    text = str(exc).lower()
+    return next((name for name in ("clamd", "spamd") if name in text), "other")
 
 
 def learn(message_id: int, as_spam: bool) -> None:

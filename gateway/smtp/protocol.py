@@ -18,6 +18,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, _AuthMechAttr, login_always
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from django.conf import settings
 
+from gateway import metrics
 from gateway.models import Message
 from gateway.policy.state import MX, Connection, Transaction
 
@@ -168,6 +169,7 @@ class GatewaySMTP(SMTP):
                 sockname[0] if isinstance(sockname, tuple) else None,
                 transport.get_extra_info("ssl_object") is not None)
             self.gateway.connections.add(self)
+            metrics.count("mailgate_smtp_connections")
             if self.conn.client_ip:
                 self.gateway.checks.limits.connect(self.conn.client_ip)
                 self.conn.counted = True

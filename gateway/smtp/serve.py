@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from django.conf import settings
 
+from gateway.heartbeat import Heartbeat
 from gateway.policy.config import dns_checks_state
 from gateway.policy.state import MX, SMTPS, SUBMISSION
 
@@ -83,6 +84,8 @@ async def serve(host: str, port: int, *, submission: tuple[str, int] | None = No
     state = dns_checks_state()
     if state:
         log.warning("DNS-based checks are %s", state)
+    # Its own thread and database connection: the event loop never waits on a heartbeat.
+    heartbeat = Heartbeat("smtp", connections=lambda: len(handler.connections)).start()
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -100,6 +103,7 @@ async def serve(host: str, port: int, *, submission: tuple[str, int] | None = No
         await server.wait_closed()
     await handler.writer.close()
     close_pool_connections(handler.pool)
+    heartbeat.stop()  # its thread writes the last beat; a short wait at the very end of a stop
     log.info("SMTP stopped")
 
 

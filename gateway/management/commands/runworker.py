@@ -12,6 +12,7 @@ from django.db import close_old_connections
 from gateway import sweep
 from gateway.delivery.attempt import run_delivery
 from gateway.dispatch.enqueue import celery_app
+from gateway.heartbeat import Heartbeat
 from gateway.scan.run import run_scan
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
         signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
         last_purge = None
+        heartbeat = Heartbeat("worker").start()
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="worker") as pool:
             while not stopping:
                 try:
@@ -99,3 +101,4 @@ class Command(BaseCommand):
                 if once:
                     break
                 time.sleep(interval)
+        heartbeat.stop()
