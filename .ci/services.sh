@@ -3,7 +3,8 @@
 #   spamd on 127.0.0.1:7830 (SpamAssassin, no network tests, Bayes learning through TELL),
 #   clamd on a Unix socket and 127.0.0.1:3310 (a local signature database, no freshclam),
 # and make sure the machine's PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) answer.
-# Postfix, swaks, Chromium and the DKIM tools are installed but nothing of them is started.
+# Postfix, swaks, Chromium, the DKIM tools, fail2ban and pflogsumm are installed but nothing of them is started
+# (fail2ban-regex and pflogsumm read the mail log in tests/ops/test_fail2ban.py and test_mail_log.py).
 #
 # Run as root on Debian 12 (`make services`, and .ci/run). Idempotent: packages already installed
 # are not fetched again, and a service that answers is left alone, unless its configuration
@@ -31,7 +32,8 @@ CLAMD_TCP_URL="tcp://127.0.0.1:$CLAMD_PORT"
 REDIS_URL="redis://127.0.0.1:6379/15"
 PG_URL="postgres://postgres@127.0.0.1:5432/mailgate"
 
-PACKAGES=(spamassassin spamc clamav-daemon clamav-testfiles postfix swaks chromium opendkim-tools libmail-dkim-perl)
+PACKAGES=(spamassassin spamc clamav-daemon clamav-testfiles postfix swaks chromium opendkim-tools libmail-dkim-perl
+    fail2ban pflogsumm)
 EICAR_MD5_LINE="44d88612fea8a8f36de82e1278abb02f:68:Eicar-Test-Signature"
 CLAM_EXE_MD5_LINE="aa15bcf478d165efd2065190eb473bcb:544:ClamAV-Test-File"
 

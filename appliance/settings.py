@@ -371,13 +371,25 @@ SMTP_SMTPS_LISTEN = os.getenv("SMTP_SMTPS_LISTEN", "")
 SMTP_CALLAHEAD_TIMEOUT = envfloat("SMTP_CALLAHEAD_TIMEOUT", "10")
 SMTP_CALLAHEAD_SENDER = os.getenv("SMTP_CALLAHEAD_SENDER", "")
 
+# The mail log in Postfix's shape (gateway/maillog.py), besides the lines above: to syslog, facility mail, with
+# LOG_SYSLOG (LOG_SYSLOG_ADDRESS: /dev/log, or HOST:PORT over UDP); to MAIL_LOG_FILE in syslog's format; else to
+# standard error in that format.
+LOG_SYSLOG = envbool("LOG_SYSLOG", "False")
+LOG_SYSLOG_ADDRESS = os.getenv("LOG_SYSLOG_ADDRESS", "/dev/log")
+MAIL_LOG_FILE = os.getenv("MAIL_LOG_FILE", "")
+from gateway import maillog as _maillog  # noqa: E402 - a plain module: no model, no app registry
+
+_mail_formatters, _mail_handlers = _maillog.handlers(
+    syslog=LOG_SYSLOG, syslog_address_value=LOG_SYSLOG_ADDRESS, log_file=MAIL_LOG_FILE, node_name=NODE_NAME)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}, **_mail_formatters},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}, **_mail_handlers},
     "root": {"handlers": ["console"], "level": os.getenv("LOG_LEVEL", "INFO")},
     "loggers": {
+        "mailgate": {"handlers": list(_mail_handlers), "level": "INFO", "propagate": False},
         "django.db.backends": {"level": "WARNING"},
         # Celery's two lines per task ("received", "succeeded in"), with task ids no one looks up: the
         # gateway logs each message's scan and delivery itself. A failed task is still logged (ERROR).

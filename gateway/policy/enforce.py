@@ -28,6 +28,7 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 
+from gateway import maillog
 from gateway.access import SenderRights
 from gateway.intake.store import log_refusal
 from gateway.mailauth.dns import TemporaryDNSError
@@ -207,13 +208,25 @@ class Enforcer:
 
     async def refuse(self, session, envelope, reason: str, reply: str, recipient: str = "", *,
                      recipients: list[str] | None = None, data: bytes | None = None,
-                     more: list[CheckResult] = (), sender: str | None = None) -> str:
+                     more: list[CheckResult] = (), sender: str | None = None, command: str = "") -> str:
         """Log an attempt refused at SMTP time; a logging failure must not change the reply. `sender`: the
-        envelope sender to log when the envelope does not hold it yet (a refused MAIL)."""
+        envelope sender to log when the envelope does not hold it yet (a refused MAIL). `command`: the SMTP
+        command refused, for the Postfix-style line (CONNECT, MAIL, RCPT, DATA, AUTH), when not the one the
+        other arguments say; "SASL" for failed credentials, which have a line of their own (gateway.smtp.login)."""
+        name = await self.client_name(session)
+        if not command:
+            command = ("DATA" if recipients is not None or data is not None else "RCPT" if recipient
+                       else "MAIL" if sender is not None else "CONNECT")
+        if command != "SASL":
+            logged_sender = envelope_sender(envelope) if sender is None else sender
+            maillog.rejected(command, client_name=name, client_ip=getattr(session, "client_ip", None), reply=reply,
+                             sender=None if command == "CONNECT" else logged_sender,
+                             recipients=[recipient] if recipient else list(recipients or []),
+                             helo=session.host_name or "")
         try:
             await self.run_sync(
                 log_refusal, reason=reason, reply=reply, client_ip=getattr(session, "client_ip", None),
-                client_name=await self.client_name(session), helo=session.host_name or "",
+                client_name=name, helo=session.host_name or "",
                 sender=envelope_sender(envelope) if sender is None else sender, recipient=recipient,
                 recipients=recipients, data=data,
                 authenticated_as=getattr(session, "auth_user", "") or "",

@@ -297,7 +297,7 @@ class GatewaySMTP(SMTP):
             return
         if self.gateway.checks.too_many_auth_failures(self.conn.client_ip):
             reply = login.throttled_reply(self.conn.client_ip)
-            await self.gateway.checks.refuse(self.session, self.envelope, Refusal.AUTH_FAILED, reply)
+            await self.gateway.checks.refuse(self.session, self.envelope, Refusal.AUTH_FAILED, reply, command="AUTH")
             await self.push(reply)
             return
         await super().smtp_AUTH(arg)
