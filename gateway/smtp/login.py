@@ -75,7 +75,7 @@ async def verify(checks: Enforcer, server, mechanism: str, login: bytes, passwor
         conn.extra["auth"] = {"result": "pass", "mechanism": mechanism, "user": username, "seconds": seconds}
         log.info("AUTH %s as %s from %s", mechanism, username, conn.client_ip)
         return AuthResult(success=True, auth_data=username)
-    failures = checks.limits.auth_failures.hit(conn.client_ip or "")
+    failures = await checks.auth_failed(conn.client_ip or "")
     reply = "535 5.7.8 Authentication credentials invalid"
     config = checks.config()
     if checked.throttled or (config.auth_max_failures and failures >= config.auth_max_failures):
