@@ -35,5 +35,5 @@ RUN useradd --system --uid 10001 --home-dir "$DATA_DIR" --shell /usr/sbin/nologi
 
 USER mailgate
 VOLUME ["/var/lib/mailgate"]
-EXPOSE 8000 25
+EXPOSE 8000 25 465 587
 CMD ["gunicorn", "appliance.wsgi", "-b", "0.0.0.0:8000"]

@@ -3,8 +3,9 @@
 #   spamd on 127.0.0.1:7830 (SpamAssassin, no network tests, Bayes learning through TELL),
 #   clamd on a Unix socket and 127.0.0.1:3310 (a local signature database, no freshclam),
 # and make sure the machine's PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) answer.
-# Postfix, swaks, Chromium, the DKIM tools and docker-compose (to check docker-compose.yml) are installed
-# but nothing of them is started.
+# Postfix, swaks, Chromium, the DKIM tools, fail2ban, pflogsumm and docker-compose are installed but nothing of
+# them is started (fail2ban-regex and pflogsumm read the mail log in tests/ops/test_fail2ban.py and
+# test_mail_log.py; docker-compose checks docker-compose.yml).
 #
 # Run as root on Debian 12 (`make services`, and .ci/run). Idempotent: packages already installed
 # are not fetched again, and a service that answers is left alone, unless its configuration
@@ -32,7 +33,8 @@ CLAMD_TCP_URL="tcp://127.0.0.1:$CLAMD_PORT"
 REDIS_URL="redis://127.0.0.1:6379/15"
 PG_URL="postgres://postgres@127.0.0.1:5432/mailgate"
 
-PACKAGES=(spamassassin spamc clamav-daemon clamav-testfiles postfix swaks chromium opendkim-tools libmail-dkim-perl docker-compose)
+PACKAGES=(spamassassin spamc clamav-daemon clamav-testfiles postfix swaks chromium opendkim-tools libmail-dkim-perl
+    fail2ban pflogsumm docker-compose)
 EICAR_MD5_LINE="44d88612fea8a8f36de82e1278abb02f:68:Eicar-Test-Signature"
 CLAM_EXE_MD5_LINE="aa15bcf478d165efd2065190eb473bcb:544:ClamAV-Test-File"
 

@@ -239,11 +239,15 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
 
 # The cache (login throttling, page fragments) must be shared by all web processes: Redis when
-# CACHE_URL is set, else files in DATA_DIR (one machine).
+# CACHE_URL is set, else the Celery broker when it is Redis (so that every node shares one login throttle,
+# keys under "mailgate:"), else files in DATA_DIR (one machine).
 CACHE_URL = os.getenv("CACHE_URL", "")
+_broker_redis = os.getenv("CELERY_BROKER_URL", "") if os.getenv("CELERY_BROKER_URL", "").startswith(
+    ("redis://", "rediss://")) else ""
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
-    if CACHE_URL else
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL or _broker_redis,
+                **({} if CACHE_URL else {"KEY_PREFIX": "mailgate"})}
+    if CACHE_URL or _broker_redis else
     {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": str(DATA_DIR / "cache")}
 }
 
@@ -366,6 +370,14 @@ SMTP_TLS_KEY = os.getenv("SMTP_TLS_KEY", "")
 # Empty: not listened on. `runsmtp --submission/--smtps` override them.
 SMTP_SUBMISSION_LISTEN = os.getenv("SMTP_SUBMISSION_LISTEN", "")
 SMTP_SMTPS_LISTEN = os.getenv("SMTP_SMTPS_LISTEN", "")
+# The per-IP limits of the SMTP server (connections, messages per minute, failed AUTH) counted for every node
+# together, in Redis: by default the Celery broker when it is Redis; "off" for each node's own counts. A Redis
+# that does not answer within SMTP_SHARED_LIMITS_TIMEOUT seconds leaves each node counting alone meanwhile.
+_redis_broker = CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else ""
+SMTP_SHARED_LIMITS_URL = os.getenv("SMTP_SHARED_LIMITS_URL", _redis_broker)
+if SMTP_SHARED_LIMITS_URL.strip().lower() in ("off", "false", "none"):
+    SMTP_SHARED_LIMITS_URL = ""
+SMTP_SHARED_LIMITS_TIMEOUT = envfloat("SMTP_SHARED_LIMITS_TIMEOUT", "0.5")
 # Recipient call-ahead (domains whose recipient check is "callahead"): timeout of the RCPT probe, and
 # the MAIL FROM it uses (empty: the null sender <>, as a bounce would).
 SMTP_CALLAHEAD_TIMEOUT = envfloat("SMTP_CALLAHEAD_TIMEOUT", "10")
@@ -386,14 +398,25 @@ METRICS_TOKEN = os.getenv("METRICS_TOKEN", "")
 METRICS_ALLOW = envlist("METRICS_ALLOW", "127.0.0.1,::1")
 CELERY_BEAT_SCHEDULE["delay_warnings"] = {"task": "gateway.tasks.delay_warnings",
                                           "schedule": envfloat("DELAY_WARNING_INTERVAL", "300")}
+# The mail log in Postfix's shape (gateway/maillog.py), besides the lines above: to syslog, facility mail, with
+# LOG_SYSLOG (LOG_SYSLOG_ADDRESS: /dev/log, or HOST:PORT over UDP); to MAIL_LOG_FILE in syslog's format; else to
+# standard error in that format.
+LOG_SYSLOG = envbool("LOG_SYSLOG", "False")
+LOG_SYSLOG_ADDRESS = os.getenv("LOG_SYSLOG_ADDRESS", "/dev/log")
+MAIL_LOG_FILE = os.getenv("MAIL_LOG_FILE", "")
+from gateway import maillog as _maillog  # noqa: E402 - a plain module: no model, no app registry
+
+_mail_formatters, _mail_handlers = _maillog.handlers(
+    syslog=LOG_SYSLOG, syslog_address_value=LOG_SYSLOG_ADDRESS, log_file=MAIL_LOG_FILE, node_name=NODE_NAME)
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}, **_mail_formatters},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}, **_mail_handlers},
     "root": {"handlers": ["console"], "level": os.getenv("LOG_LEVEL", "INFO")},
     "loggers": {
+        "mailgate": {"handlers": list(_mail_handlers), "level": "INFO", "propagate": False},
         "django.db.backends": {"level": "WARNING"},
         # Celery's two lines per task ("received", "succeeded in"), with task ids no one looks up: the
         # gateway logs each message's scan and delivery itself. A failed task is still logged (ERROR).

@@ -374,6 +374,8 @@ class Message(models.Model):
             models.Index(fields=["verdict", "received_at"], name="message_verdict_time"),
             models.Index(fields=["quarantined", "received_at"], name="message_quarantine_time"),
             models.Index(fields=["client_ip", "received_at"], name="message_client_time"),
+            # The message log filtered by node (several nodes, one view), newest first.
+            models.Index(fields=["node", "received_at"], name="message_node_time"),
         ]
 
     def __str__(self) -> str:

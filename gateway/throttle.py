@@ -36,6 +36,8 @@ from django.contrib.auth.backends import ModelBackend
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 
+from gateway import maillog
+
 log = logging.getLogger(__name__)
 
 PREFIX = "login-throttle"
@@ -191,12 +193,17 @@ class ThrottledModelBackend(ModelBackend):
             return None
         ip = client_ip if client_ip is not None else client_address(request)
         reason = refusal(username, ip)
+        # SMTP AUTH (no request) writes its own line for fail2ban (gateway.smtp.login); the web doors, here.
         if reason:
             log.info("login throttle: refused %r from %s: %s", str(username)[:100], normal_ip(ip), reason)
+            if request is not None:
+                maillog.web_login_failed(client_ip=ip, username=str(username), throttled=True)
             raise PermissionDenied(reason)
         user = super().authenticate(request, username=username, password=password, **kwargs)
         if user is None:
             record_failure(username, ip)
+            if request is not None:
+                maillog.web_login_failed(client_ip=ip, username=str(username))
         else:
             record_success(username, ip)
         return user

@@ -56,6 +56,7 @@ class MessageFilterForm(forms.Form):
     quarantined = forms.ChoiceField(required=False, choices=QUARANTINE_CHOICES)
     state = forms.ChoiceField(required=False, label="Status", choices=[("", "Any status"), *Message.State.choices])
     direction = forms.ChoiceField(required=False, choices=[("", "Any direction"), *Message.Direction.choices])
+    node = forms.CharField(required=False, max_length=100, help_text="The node that received it (its NODE_NAME)")
     sort = forms.ChoiceField(required=False, choices=[(k, v[2]) for k, v in SORTS.items()])
 
     def clean_client_ip(self) -> str:
@@ -139,6 +140,8 @@ def apply_filters(qs: QuerySet, data: dict) -> QuerySet:
         qs = qs.filter(state=data["state"])
     if data.get("direction"):
         qs = qs.filter(direction=data["direction"])
+    if data.get("node"):
+        qs = qs.filter(node=data["node"].strip())
     return qs
 
 

@@ -86,7 +86,7 @@ class DeliveryAttempt:
         self.record.end()
 
     def _send(self, destinations: tuple[Destination, ...], group: list[Recipient], data: bytes) -> None:
-        code, text, permanent = 451, "4.4.1 no destination could be tried", False
+        code, text, permanent, tried = 451, "4.4.1 no destination could be tried", False, None
         for destination in destinations:
             if not self.record.keep_claim_fresh():
                 return
@@ -108,12 +108,12 @@ class DeliveryAttempt:
                 if not 400 <= code < 600:
                     code = 451
                 detail = getattr(exc, "smtp_error", b"") or str(exc) or exc.__class__.__name__
-                text = f"{client.reply_text(code, detail)} (from {destination})"
+                text, tried = f"{client.reply_text(code, detail)} (from {destination})", destination
                 log.warning("delivery of %s to %s failed: %s", self.message.queue_id, destination, text)
                 if permanent:
                     break
         unfinished = [r for r in group if r.status == Recipient.Status.DELIVERING]
-        self.record.outcome(unfinished, code, text, permanent=permanent)
+        self.record.outcome(unfinished, code, text, permanent=permanent, tried=tried)
 
     def _reclaim(self, group: list[Recipient]) -> list[Recipient]:
         """Renew the claim on these recipients just before a connection: a pass that ran so long that the

@@ -20,7 +20,8 @@ from gateway.models import Message, Recipient
 
 from .routing import Destination
 
-# record(recipients, code, text, *, permanent=False, delivered=False, destination=None): an outcome.
+# record(recipients, code, text, *, permanent=False, delivered=False, destination=None, tried=None): an outcome
+# (`destination`: the server whose acceptance it was; `tried`: the server that answered otherwise).
 Record = Callable[..., None]
 
 # Kept sessions.
@@ -163,7 +164,7 @@ def _transaction(smtp: smtplib.SMTP, destination: Destination, group: list[Recip
     pipelined = smtp.has_extn("pipelining")  # the RCPTs and DATA went with MAIL FROM
     code, text = first
     if code != 250:
-        record(group, code, reply_text(code, text), permanent=code >= 500)
+        record(group, code, reply_text(code, text), permanent=code >= 500, tried=destination)
         if code == 421:
             return False  # the server is closing the session
         if pipelined:
@@ -180,7 +181,7 @@ def _transaction(smtp: smtplib.SMTP, destination: Destination, group: list[Recip
         if code in (250, 251):
             accepted.append(recipient)
         else:
-            record([recipient], code, reply_text(code, text), permanent=code >= 500)
+            record([recipient], code, reply_text(code, text), permanent=code >= 500, tried=destination)
     if pipelined:
         code, text = smtp.getreply()
     elif accepted:
@@ -193,7 +194,7 @@ def _transaction(smtp: smtplib.SMTP, destination: Destination, group: list[Recip
         smtp.rset()
         return code != 421
     if code != 354:
-        record(accepted, code, reply_text(code, text), permanent=code >= 500)
+        record(accepted, code, reply_text(code, text), permanent=code >= 500, tried=destination)
         smtp.rset()
         return code != 421
     smtp.send(mailbytes.dot_stuffed(data))

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from gateway import metrics
+from gateway import maillog, metrics
 from gateway.claims import backoff
 from gateway.db import statements
 from gateway.dispatch import enqueue
@@ -100,11 +100,15 @@ class Recorder:
                     self.message.queue_id)
 
     def outcome(self, recipients: list[Recipient], code: int, text: str, *, permanent: bool = False,
-                delivered: bool = False, destination=None) -> None:
+                delivered: bool = False, destination=None, tried=None) -> None:
         """The reply these recipients got: delivered, bounced (permanent, or expired in the queue), or
-        deferred for a retry with back-off."""
+        deferred for a retry with back-off. `destination`: the server that answered (its name is added to
+        the text); `tried`: the one last tried, when none answered."""
         if not text.startswith(str(code)):
             text = f"{code} {text}"
+        said = text
+        where = destination if destination is not None else tried
+        relay_to = maillog.relay(where.host, where.port) if where is not None else ""
         if destination is not None:
             text = f"{text} (from {destination})"
         now = timezone.now()
@@ -131,6 +135,9 @@ class Recorder:
             groups[(held, recipient.status, recipient.attempts, recipient.delivered_at,
                     recipient.next_attempt_at)].append(recipient)
             log.info("%s to <%s>: %s (%s)", self.message.queue_id, recipient.address, recipient.status, text)
+            maillog.delivery(self.message.queue_id, recipient=recipient.address, relay_to=relay_to,
+                             delay=(now - self.message.received_at).total_seconds(), code=code, text=said,
+                             status=_postfix_status(recipient.status))
         # One UPDATE per outcome shared by several recipients (one for a one-recipient message), and only
         # while the claim is still ours: never overwrite what another worker recorded. When this one SMTP
         # transaction delivered every recipient of the message, the message's final state goes with it.
@@ -175,7 +182,9 @@ class Recorder:
             failed = list(message.recipients.select_for_update().filter(
                 status__in=failures, dsn_sent=False)) if failures & set(statuses) else []
             if failed:
-                dsn.send_failure_notice(message, failed)
+                notice = dsn.send_failure_notice(message, failed)
+                if notice is not None:
+                    maillog.notice(message.queue_id, notice.queue_id)
                 Recipient.objects.filter(pk__in=[r.pk for r in failed]).update(dsn_sent=True)
             state = _state_from(statuses, message.state)
             fields = {"state": state}
@@ -213,6 +222,10 @@ def retrying(message: Message, write, *args) -> Any:
 def state_from(statuses: list[str], current: str) -> str:
     """The message's state from its recipients' statuses (also for the mail queue's actions)."""
     return _state_from(statuses, current)
+def _postfix_status(status: str) -> str:
+    """Postfix's word for a recipient's outcome: sent, deferred, bounced, expired."""
+    return {Recipient.Status.DELIVERED: "sent", Recipient.Status.BOUNCED: "bounced",
+            Recipient.Status.EXPIRED: "expired"}.get(status, "deferred")
 
 
 def _state_from(statuses: list[str], current: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 
+from gateway import maillog
 from gateway.access import SenderRights
 from gateway.intake.store import log_refusal
 from gateway.mailauth.dns import TemporaryDNSError
@@ -38,7 +39,7 @@ from .callahead import CallAhead
 from .config import CheckConfig, ServerConfig, ServerConfigCache, defaults, dns_checks_enabled, dns_checks_state
 from .dnscache import CachingResolver
 from .greylist import Greylist
-from .limits import ClientLimits
+from .limits import ClientLimits, shared_counts
 from .lists import list_decision, sender_matches
 from .results import CheckResult, decide, total_score
 from .state import MX, Connection, Transaction, envelope_sender
@@ -51,7 +52,10 @@ class Enforcer:
     def __init__(self, config_cache: ServerConfigCache, run_sync: Callable[..., Awaitable]):
         self.config_cache = config_cache
         self.run_sync = run_sync
-        self.limits = ClientLimits()
+        # Shared with every node through Redis when configured (SMTP_SHARED_LIMITS_URL), else this node's own.
+        self.limits = ClientLimits(shared=shared_counts(settings.SMTP_SHARED_LIMITS_URL,
+                                                        settings.SMTP_SHARED_LIMITS_TIMEOUT))
+        self._background: set[asyncio.Task] = set()
         self.greylist = Greylist()
         self.callahead = CallAhead()
         self._resolver: CachingResolver | None = None
@@ -207,13 +211,25 @@ class Enforcer:
 
     async def refuse(self, session, envelope, reason: str, reply: str, recipient: str = "", *,
                      recipients: list[str] | None = None, data: bytes | None = None,
-                     more: list[CheckResult] = (), sender: str | None = None) -> str:
+                     more: list[CheckResult] = (), sender: str | None = None, command: str = "") -> str:
         """Log an attempt refused at SMTP time; a logging failure must not change the reply. `sender`: the
-        envelope sender to log when the envelope does not hold it yet (a refused MAIL)."""
+        envelope sender to log when the envelope does not hold it yet (a refused MAIL). `command`: the SMTP
+        command refused, for the Postfix-style line (CONNECT, MAIL, RCPT, DATA, AUTH), when not the one the
+        other arguments say; "SASL" for failed credentials, which have a line of their own (gateway.smtp.login)."""
+        name = await self.client_name(session)
+        if not command:
+            command = ("DATA" if recipients is not None or data is not None else "RCPT" if recipient
+                       else "MAIL" if sender is not None else "CONNECT")
+        if command != "SASL":
+            logged_sender = envelope_sender(envelope) if sender is None else sender
+            maillog.rejected(command, client_name=name, client_ip=getattr(session, "client_ip", None), reply=reply,
+                             sender=None if command == "CONNECT" else logged_sender,
+                             recipients=[recipient] if recipient else list(recipients or []),
+                             helo=session.host_name or "")
         try:
             await self.run_sync(
                 log_refusal, reason=reason, reply=reply, client_ip=getattr(session, "client_ip", None),
-                client_name=await self.client_name(session), helo=session.host_name or "",
+                client_name=name, helo=session.host_name or "",
                 sender=envelope_sender(envelope) if sender is None else sender, recipient=recipient,
                 recipients=recipients, data=data,
                 authenticated_as=getattr(session, "auth_user", "") or "",
@@ -240,6 +256,10 @@ class Enforcer:
             return True
         limit = config.max_connections_per_ip
         count = self.limits.connections.get(ip, 0)
+        if limit and config.rate_limit_action != CheckAction.OFF:
+            member = self.limits.shared.connection_member(id(conn)) if self.limits.shared is not None else ""
+            count, shared = await self.limits.connection_count(ip, member)
+            conn.shared_member = member if shared else ""
         if limit and count > limit and config.rate_limit_action != CheckAction.OFF:
             result = CheckResult("rate_limit", "exceeded", config.rate_limit_action,
                                  detail={"connections": count, "limit": limit}, reason=Refusal.RATE_LIMIT)
@@ -316,7 +336,7 @@ class Enforcer:
         txn.exempt = bool(session.authenticated or conn.trusted)
         limit = config.values.get("max_messages_per_minute", 0)
         if ip and not conn.trusted and limit and config.rate_limit_action != CheckAction.OFF:
-            rate = self.limits.messages.hit(ip)
+            rate = await self.limits.message(ip)
             if rate > limit:
                 result = CheckResult("rate_limit", "exceeded", config.rate_limit_action, reason=Refusal.RATE_LIMIT,
                                      detail={"messages_per_minute": round(rate, 1), "limit": limit})
@@ -608,11 +628,25 @@ class Enforcer:
 
     # --- SMTP AUTH -------------------------------------------------------------------------------------
 
-    def too_many_auth_failures(self, ip: str | None) -> bool:
+    async def too_many_auth_failures(self, ip: str | None) -> bool:
         config = self.config()
         self.limits.auth_failure_window(config.auth_failure_window_minutes)
         return bool(config.auth_max_failures and ip and
-                    self.limits.auth_failures.count(ip) >= config.auth_max_failures)
+                    await self.limits.auth_failure_count(ip) >= config.auth_max_failures)
+
+    async def auth_failed(self, ip: str) -> float:
+        """Count a failed AUTH from `ip` (every node's, when shared): its failures in the window."""
+        self.limits.auth_failure_window(self.config().auth_failure_window_minutes)
+        return await self.limits.auth_failure(ip)
+
+    def connection_closed(self, conn: Connection) -> None:
+        """The connection is gone: its entry in the shared counts goes too (a task: connection_lost is not async)."""
+        if conn.shared_member and conn.client_ip:
+            task = asyncio.get_running_loop().create_task(
+                self.limits.forget_connection(conn.client_ip, conn.shared_member))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            conn.shared_member = ""
 
 
 def _route_of(domain: str) -> tuple[str, int] | None:

@@ -29,6 +29,7 @@ class Connection:
         self.implicit_tls = implicit_tls
         self.trusted = False
         self.counted = False
+        self.shared_member = ""  # this connection's entry in the shared counts (gateway.policy.limits), if any
         self.results: list[CheckResult] = []  # connection checks done (rate limit, early talker, DNSBL, FCrDNS)
         self.pending: list[asyncio.Task] = []  # connection checks running
         self.tasks: set[asyncio.Task] = set()  # everything started for this connection

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from django.db import transaction
 from django.utils import timezone
 
+from gateway import maillog
 from gateway.claims import far_from_stale
 from gateway.db import statements
 from gateway.models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict
@@ -87,6 +88,8 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
 def _log_verdict(message: Message) -> None:
     log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
              message.action, message.spam_score, ",".join(message.virus_names) or "-")
+    maillog.scanned(message.queue_id, verdict=message.verdict, action=message.action, score=message.spam_score,
+                    viruses=message.virus_names or ())
 
 
 def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings,

@@ -15,6 +15,7 @@ from functools import partial
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError
 
+from gateway import maillog
 from gateway.intake.rows import Arrival
 from gateway.intake.writer import IntakeWriter
 from gateway.models import Message
@@ -137,6 +138,12 @@ class GatewayHandler:
             return "451 4.3.0 Temporary local problem, please try again later"
         log.info("queued %s from <%s> to %d recipient(s), %d bytes", message.queue_id, arrival.sender,
                  len(arrival.recipients), len(data))
+        auth = check_record.get("auth") or {}
+        maillog.accepted(message.queue_id, client_name=arrival.client_name, client_ip=arrival.client_ip,
+                         sender=arrival.sender, size=len(data), recipients=len(arrival.recipients),
+                         message_id=getattr(message, "message_id", "") or "",
+                         sasl_method=auth.get("mechanism", "") if arrival.authenticated_as else "",
+                         sasl_username=arrival.authenticated_as)
         return f"250 2.0.0 Ok: queued as {message.queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:

@@ -13,7 +13,7 @@ from aiosmtpd.smtp import AuthResult
 from django.contrib.auth import authenticate, get_user_model
 from django.db import close_old_connections
 
-from gateway import throttle
+from gateway import maillog, throttle
 from gateway.models import Message
 from gateway.policy.enforce import Enforcer
 
@@ -75,12 +75,14 @@ async def verify(checks: Enforcer, server, mechanism: str, login: bytes, passwor
         conn.extra["auth"] = {"result": "pass", "mechanism": mechanism, "user": username, "seconds": seconds}
         log.info("AUTH %s as %s from %s", mechanism, username, conn.client_ip)
         return AuthResult(success=True, auth_data=username)
-    failures = checks.limits.auth_failures.hit(conn.client_ip or "")
+    failures = await checks.auth_failed(conn.client_ip or "")
     reply = "535 5.7.8 Authentication credentials invalid"
     config = checks.config()
     if checked.throttled or (config.auth_max_failures and failures >= config.auth_max_failures):
         reply = throttled_reply(conn.client_ip)
     conn.extra["auth"] = {"result": "fail", "mechanism": mechanism, "login": name[:100],
                           "failures": int(failures), "seconds": seconds, "throttled": checked.throttled}
-    await checks.refuse(server.session, server.envelope, Message.Refusal.AUTH_FAILED, reply)
+    maillog.auth_failed(client_name=await checks.client_name(server.session), client_ip=conn.client_ip,
+                        mechanism=mechanism, username=name)
+    await checks.refuse(server.session, server.envelope, Message.Refusal.AUTH_FAILED, reply, command="SASL")
     return AuthResult(success=False, handled=False, message=reply)

@@ -196,6 +196,7 @@ class GatewaySMTP(SMTP):
             if self.conn.counted and self.conn.client_ip:
                 self.gateway.checks.limits.disconnect(self.conn.client_ip)
                 self.conn.counted = False
+            self.gateway.checks.connection_closed(self.conn)
             self.conn.cancel()
         super().connection_lost(error)
 
@@ -297,9 +298,9 @@ class GatewaySMTP(SMTP):
             else:
                 await self.push("503 5.5.1 Authentication not enabled")
             return
-        if self.gateway.checks.too_many_auth_failures(self.conn.client_ip):
+        if await self.gateway.checks.too_many_auth_failures(self.conn.client_ip):
             reply = login.throttled_reply(self.conn.client_ip)
-            await self.gateway.checks.refuse(self.session, self.envelope, Refusal.AUTH_FAILED, reply)
+            await self.gateway.checks.refuse(self.session, self.envelope, Refusal.AUTH_FAILED, reply, command="AUTH")
             await self.push(reply)
             return
         await super().smtp_AUTH(arg)

@@ -75,6 +75,11 @@ async def serve(host: str, port: int, *, submission: tuple[str, int] | None = No
             loop.add_signal_handler(signum, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    if context is not None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_certificate(loop, context)))
+        except (NotImplementedError, RuntimeError):
+            pass
     log.info("SMTP listening on %s:%s as %s%s", host, port, settings.SMTP_HOSTNAME,
              " (STARTTLS)" if context is not None and settings.SMTP_STARTTLS else "")
     if submission:
@@ -105,6 +110,19 @@ async def serve(host: str, port: int, *, submission: tuple[str, int] | None = No
     close_pool_connections(handler.pool)
     heartbeat.stop()  # its thread writes the last beat; a short wait at the very end of a stop
     log.info("SMTP stopped")
+
+
+async def reload_certificate(loop: asyncio.AbstractEventLoop, context: ssl.SSLContext) -> bool:
+    """SIGHUP: the certificate and key read again (an ACME client's deploy hook sends it after a renewal), in a
+    thread (file reads, key parsing); open connections are not touched. An unusable new pair is logged and the
+    one in use kept."""
+    try:
+        path = await loop.run_in_executor(None, tls_config.reload_certificate, context)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        log.error("SIGHUP: the TLS certificate was not reloaded, the one in use is kept: %s", exc)
+        return False
+    log.info("SIGHUP: TLS certificate reloaded from %s; new connections use it", path)
+    return True
 
 
 def close_pool_connections(pool: ThreadPoolExecutor) -> None:

@@ -83,3 +83,30 @@ def server_context() -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(cert), str(key))
     return context
+
+
+def reload_certificate(context: ssl.SSLContext) -> Path:
+    """Load the certificate and key again into the context every listener shares (SIGHUP, after an ACME client
+    renewed them): handshakes from now on present the new pair; a connection already encrypted keeps the one
+    it agreed on (OpenSSL copies the certificate into each connection). Raises OSError/ssl.SSLError/ValueError,
+    leaving the context as it was, when the new files are unusable (missing, unreadable, a key that does not
+    match): a renewal gone wrong must not take TLS away.
+
+    The two files are read once and checked in a context of their own before the shared one takes them from
+    the same bytes: a renewal that rewrites the files meanwhile cannot hand the shared context a certificate
+    with the previous key. Returns the certificate's path.
+    """
+    cert, key = certificate_paths()
+    cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+    if b"-----BEGIN" not in cert_pem or b"-----BEGIN" not in key_pem:
+        raise ValueError(f"{cert} or {key} holds no PEM data")
+    directory = Path(settings.DATA_DIR) / "tls"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix="reload.") as scratch:
+        copy_cert, copy_key = Path(scratch) / "cert.pem", Path(scratch) / "key.pem"
+        _write_atomically(copy_cert, cert_pem, 0o600)
+        _write_atomically(copy_key, key_pem, 0o600)
+        trial = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        trial.load_cert_chain(str(copy_cert), str(copy_key))
+        context.load_cert_chain(str(copy_cert), str(copy_key))
+    return cert
