@@ -12,7 +12,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from urllib.parse import urlparse
 
 from django.conf import settings
 from django.db import connection
@@ -20,6 +19,7 @@ from django.db.models import Count, Min
 from django.utils import timezone
 
 from gateway.models import Message, NodeHeartbeat, RawMessage, Recipient
+from gateway.scan import ScannerUnavailable, clamav, spamassassin
 
 GREEN, AMBER, RED = "green", "amber", "red"
 PROBE_TIMEOUT = 3.0
@@ -39,36 +39,12 @@ class Component:
         return self.level != RED
 
 
-def _connect(url: str, default_port: int) -> socket.socket:
-    parsed = urlparse(url)
-    if parsed.scheme == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(PROBE_TIMEOUT)
-        try:
-            sock.connect(parsed.path)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-    if parsed.scheme != "tcp" or not parsed.hostname:
-        raise OSError(f"not a unix:// or tcp:// address: {parsed.scheme}")
-    return socket.create_connection((parsed.hostname, parsed.port or default_port), timeout=PROBE_TIMEOUT)
-
-
-def _exchange(url: str, default_port: int, request: bytes, end: bytes) -> bytes:
-    with _connect(url, default_port) as sock:
-        sock.sendall(request)
-        answer = b""
-        while end not in answer and len(answer) < 4096:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    return answer
-
-
 def _why(exc: BaseException) -> str:
-    """An error in words, without the address it was about."""
+    """An error in words, without the address it was about (a scanner's ScannerUnavailable by its cause)."""
+    if isinstance(exc, ScannerUnavailable):
+        if exc.__cause__ is None:
+            return "its address is not unix:// or tcp://"
+        exc = exc.__cause__
     if isinstance(exc, TimeoutError | socket.timeout):
         return f"no answer within {PROBE_TIMEOUT:g} s"
     if isinstance(exc, ConnectionRefusedError):
@@ -84,8 +60,8 @@ def clamd() -> Component:
     if not settings.CLAMD_URL:
         return Component("clamd", AMBER, "not configured (CLAMD_URL): mail is not scanned for viruses")
     try:
-        answer = _exchange(settings.CLAMD_URL, 3310, b"zVERSION\0", b"\0").rstrip(b"\0\n").decode("utf-8", "replace")
-    except OSError as exc:
+        answer = clamav.version(timeout=PROBE_TIMEOUT)
+    except ScannerUnavailable as exc:
         return Component("clamd", RED, f"not reachable: {_why(exc)}; scans wait")
     if not answer.startswith("ClamAV"):
         return Component("clamd", RED, f"answered something else than its version: {answer[:60]!r}")
@@ -114,8 +90,8 @@ def spamd() -> Component:
     if not settings.SPAMD_URL:
         return Component("spamd", AMBER, "not configured (SPAMD_URL): mail gets no spam score")
     try:
-        answer = _exchange(settings.SPAMD_URL, 783, b"PING SPAMC/1.5\r\n\r\n", b"\r\n").decode("ascii", "replace")
-    except OSError as exc:
+        answer = spamassassin.ping_reply(timeout=PROBE_TIMEOUT)
+    except ScannerUnavailable as exc:
         return Component("spamd", RED, f"not reachable: {_why(exc)}; scans wait")
     if not answer.startswith("SPAMD/") or "PONG" not in answer:
         return Component("spamd", RED, f"did not answer PING: {answer[:60]!r}")

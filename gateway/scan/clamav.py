@@ -206,9 +206,9 @@ def scan(data: bytes, url: str | None = None) -> VirusScanResult:
     return session.result
 
 
-def _command(command: bytes, url: str | None) -> str:
+def _command(command: bytes, url: str | None, timeout: float | None = None) -> str:
     url = url or settings.CLAMD_URL
-    deadline = _Deadline(settings.SCANNER_TIMEOUT)
+    deadline = _Deadline(timeout or settings.SCANNER_TIMEOUT)
     try:
         sock = _connect(url, deadline)
     except OSError as exc:
@@ -223,13 +223,15 @@ def _command(command: bytes, url: str | None) -> str:
         sock.close()
 
 
-def ping(url: str | None = None) -> bool:
+def ping(url: str | None = None, *, timeout: float | None = None) -> bool:
     try:
-        return _command(b"PING", url) == "PONG"
+        return _command(b"PING", url, timeout) == "PONG"
     except ScannerUnavailable:
         return False
 
 
-def version(url: str | None = None) -> str:
-    """clamd's version line, e.g. "ClamAV 1.4.6/27000/Tue Oct 1 08:00:00 2026". Raises ScannerUnavailable."""
-    return _command(b"VERSION", url)
+def version(url: str | None = None, *, timeout: float | None = None) -> str:
+    """clamd's version line, e.g. "ClamAV 1.4.6/27000/Tue Oct 1 08:00:00 2026". Raises ScannerUnavailable
+    (its cause, when there is one, the OSError). `timeout`: seconds for the whole exchange (a health probe's
+    short one), else SCANNER_TIMEOUT."""
+    return _command(b"VERSION", url, timeout)

@@ -30,16 +30,16 @@ def configured() -> bool:
     return bool(settings.SPAMD_URL)
 
 
-def _connect(url: str) -> socket.socket:
+def _connect(url: str, timeout: float | None = None) -> socket.socket:
     parsed = urlparse(url)
+    timeout = timeout or settings.SCANNER_TIMEOUT
     try:
         if parsed.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(settings.SCANNER_TIMEOUT)
+            sock.settimeout(timeout)
             sock.connect(parsed.path)
         elif parsed.scheme == "tcp":
-            sock = socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 783),
-                                            timeout=settings.SCANNER_TIMEOUT)
+            sock = socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 783), timeout=timeout)
         else:
             raise ValueError(f"SPAMD_URL: use tcp://host:port or unix:///path, not {url!r}")
     except OSError as exc:
@@ -121,16 +121,28 @@ def tell(data: bytes, *, as_spam: bool, url: str | None = None, user: str = "mai
     return "local" in fields.get("didset", "") or "didset" not in fields and "didremove" not in fields
 
 
-def ping(url: str | None = None) -> bool:
+def ping_reply(url: str | None = None, *, timeout: float | None = None) -> str:
+    """spamd's answer to PING (e.g. "SPAMD/1.5 0 PONG"). Raises ScannerUnavailable (its cause, when there is
+    one, the OSError). `timeout`: seconds per step (a health probe's short one), else SCANNER_TIMEOUT."""
     url = url or settings.SPAMD_URL
-    try:
-        sock = _connect(url)
-    except ScannerUnavailable:
-        return False
+    sock = _connect(url, timeout)
     try:
         sock.sendall(b"PING " + PROTOCOL + b"\r\n\r\n")
-        return b"PONG" in sock.recv(1024)
-    except OSError:
-        return False
+        answer = b""
+        while b"\r\n" not in answer and len(answer) < 1024:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            answer += chunk
+    except OSError as exc:
+        raise ScannerUnavailable(f"spamd at {url}: {exc}") from exc
     finally:
         sock.close()
+    return answer.decode("ascii", "replace").strip()
+
+
+def ping(url: str | None = None) -> bool:
+    try:
+        return "PONG" in ping_reply(url)
+    except ScannerUnavailable:
+        return False
