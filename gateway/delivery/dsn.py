@@ -37,118 +37,31 @@ def _original_headers(message: Message) -> bytes:
     return header_section(bytes(raw)) + b"\r\n"
 
 
-def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:
-    host = settings.SMTP_HOSTNAME
-    boundary = f"=_dsn_{message.queue_id}_{int(timezone.now().timestamp())}"
-    lines = [
-        f"This is the mail system at {host}.",
-        "",
-        "Your message could not be delivered to one or more recipients. The reply of the",
-        "receiving server is shown below for each of them.",
-        "",
-        f"  Subject: {message.subject}",
-        f"  Queued as: {message.queue_id}, received {message.received_at:%Y-%m-%d %H:%M:%S %Z}",
-        "",
-    ]
-    for recipient in failed:
-        reason = "expired in the queue after retrying" if recipient.status == Recipient.Status.EXPIRED else "refused"
-        lines.append(f"<{recipient.address}>: {reason}: {recipient.reply_text}")
-    human = EmailMessage()
-    human.set_content("\n".join(lines) + "\n", cte="quoted-printable")
+def _diagnostic(recipient: Recipient) -> list[str]:
+    """The downstream's reply as a Diagnostic-Code field (only when a server answered)."""
+    if not recipient.reply_code:
+        return []
+    diagnostic = re.sub(r"\s*\(from [^)]*\)$", "", recipient.reply_text)
+    return [f"Diagnostic-Code: smtp; {' '.join(diagnostic.split())}"]
 
+
+def _report(message: Message, *, kind: str, subject: str, text: list[str], recipient_fields: list[str]) -> bytes:
+    """A multipart/report (RFC 3462, report-type delivery-status) to the envelope sender: the text for people,
+    the delivery-status fields (the per-message ones here, then `recipient_fields`), the original's header."""
+    host = settings.SMTP_HOSTNAME
+    boundary = f"=_{kind}_{message.queue_id}_{int(timezone.now().timestamp())}"
+    human = EmailMessage()
+    human.set_content("\n".join(text) + "\n", cte="quoted-printable")
     fields = [
         f"Reporting-MTA: dns; {host}",
         f"X-Mailgate-Queue-ID: {message.queue_id}",
         f"Arrival-Date: {email.utils.format_datetime(message.received_at)}",
+        *recipient_fields,
     ]
-    for recipient in failed:
-        fields += ["", f"Final-Recipient: rfc822; {recipient.address}", "Action: failed",
-                   f"Status: {_status(recipient)}"]
-        remote = re.search(r"\(from ([^)\s]+)\)", recipient.reply_text or "")
-        if remote:
-            fields.append(f"Remote-MTA: dns; {remote.group(1).rsplit(':', 1)[0]}")
-        if recipient.reply_code:
-            diagnostic = re.sub(r"\s*\(from [^)]*\)$", "", recipient.reply_text)
-            fields.append(f"Diagnostic-Code: smtp; {' '.join(diagnostic.split())}")
-        fields.append(f"Last-Attempt-Date: {email.utils.format_datetime(timezone.now())}")
-
     header_lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
         f"To: <{message.envelope_sender}>",
-        "Subject: Undelivered Mail Returned to Sender",
-        f"Date: {email.utils.formatdate(localtime=False)}",
-        f"Message-ID: {email.utils.make_msgid(domain=host)}",
-        "Auto-Submitted: auto-replied",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
-    ]
-    human_bytes = human.as_bytes(policy=email.policy.SMTP)
-    parts = [
-        "\r\n".join(header_lines).encode() + b"\r\n\r\nThis is a MIME-encapsulated delivery status notification.\r\n",
-        f"--{boundary}\r\n".encode() + human_bytes,
-        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n".encode()
-        + "\r\n".join(fields).encode("utf-8", "replace") + b"\r\n",
-        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode() + _original_headers(message),
-        f"--{boundary}--\r\n".encode(),
-    ]
-    return b"\r\n".join(p.rstrip(b"\r\n") for p in parts[:-1]) + b"\r\n" + parts[-1]
-
-
-@transaction.atomic
-def send_failure_notice(message: Message, failed: list[Recipient]) -> Message | None:
-    """Queue a DSN to the envelope sender; none for a null sender or for a DSN itself."""
-    if not message.envelope_sender or message.direction == Message.Direction.DSN:
-        return None
-    return queue_notice(message, build_failure_notice(message, failed),
-                        subject="Undelivered Mail Returned to Sender", note=f"failure notice for {message.queue_id}")
-
-
-# --- delay warnings (RFC 3464 Action: delayed) -------------------------------------------------------------
-
-def _delay_status(recipient: Recipient) -> str:
-    match = ENHANCED.search(recipient.reply_text or "")
-    return "4" + match.group(1)[1:] if match else "4.0.0"
-
-
-def build_delay_notice(message: Message, delayed: list[Recipient], retry_until) -> bytes:
-    """A warning to the sender that these recipients have not had the message yet and that it is still being
-    tried (until `retry_until`): no action is needed from them."""
-    host = settings.SMTP_HOSTNAME
-    boundary = f"=_delay_{message.queue_id}_{int(timezone.now().timestamp())}"
-    lines = [
-        f"This is the mail system at {host}.",
-        "",
-        "####################################################################",
-        "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
-        "####################################################################",
-        "",
-        "Your message could not be delivered yet to the recipients below. It is",
-        f"still being tried, until {retry_until:%Y-%m-%d %H:%M %Z}; you will be told if it fails.",
-        "",
-        f"  Subject: {message.subject}",
-        f"  Queued as: {message.queue_id}, received {message.received_at:%Y-%m-%d %H:%M:%S %Z}",
-        "",
-    ]
-    for recipient in delayed:
-        lines.append(f"<{recipient.address}>: {recipient.reply_text or 'not delivered yet'}")
-    human = EmailMessage()
-    human.set_content("\n".join(lines) + "\n", cte="quoted-printable")
-    fields = [
-        f"Reporting-MTA: dns; {host}",
-        f"X-Mailgate-Queue-ID: {message.queue_id}",
-        f"Arrival-Date: {email.utils.format_datetime(message.received_at)}",
-    ]
-    for recipient in delayed:
-        fields += ["", f"Final-Recipient: rfc822; {recipient.address}", "Action: delayed",
-                   f"Status: {_delay_status(recipient)}"]
-        if recipient.reply_code:
-            diagnostic = re.sub(r"\s*\(from [^)]*\)$", "", recipient.reply_text)
-            fields.append(f"Diagnostic-Code: smtp; {' '.join(diagnostic.split())}")
-        fields.append(f"Will-Retry-Until: {email.utils.format_datetime(retry_until)}")
-    header_lines = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{host}>",
-        f"To: <{message.envelope_sender}>",
-        "Subject: Delayed Mail (still being retried)",
+        f"Subject: {subject}",
         f"Date: {email.utils.formatdate(localtime=False)}",
         f"Message-ID: {email.utils.make_msgid(domain=host)}",
         "Auto-Submitted: auto-replied",
@@ -164,6 +77,78 @@ def build_delay_notice(message: Message, delayed: list[Recipient], retry_until) 
         f"--{boundary}--\r\n".encode(),
     ]
     return b"\r\n".join(p.rstrip(b"\r\n") for p in parts[:-1]) + b"\r\n" + parts[-1]
+
+
+def _about(message: Message) -> list[str]:
+    return [f"  Subject: {message.subject}",
+            f"  Queued as: {message.queue_id}, received {message.received_at:%Y-%m-%d %H:%M:%S %Z}", ""]
+
+
+FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
+DELAY_SUBJECT = "Delayed Mail (still being retried)"
+
+
+def build_failure_notice(message: Message, failed: list[Recipient]) -> bytes:
+    text = [
+        f"This is the mail system at {settings.SMTP_HOSTNAME}.",
+        "",
+        "Your message could not be delivered to one or more recipients. The reply of the",
+        "receiving server is shown below for each of them.",
+        "",
+        *_about(message),
+    ]
+    fields: list[str] = []
+    for recipient in failed:
+        reason = "expired in the queue after retrying" if recipient.status == Recipient.Status.EXPIRED else "refused"
+        text.append(f"<{recipient.address}>: {reason}: {recipient.reply_text}")
+        fields += ["", f"Final-Recipient: rfc822; {recipient.address}", "Action: failed",
+                   f"Status: {_status(recipient)}"]
+        remote = re.search(r"\(from ([^)\s]+)\)", recipient.reply_text or "")
+        if remote:
+            fields.append(f"Remote-MTA: dns; {remote.group(1).rsplit(':', 1)[0]}")
+        fields += _diagnostic(recipient)
+        fields.append(f"Last-Attempt-Date: {email.utils.format_datetime(timezone.now())}")
+    return _report(message, kind="dsn", subject=FAILURE_SUBJECT, text=text, recipient_fields=fields)
+
+
+@transaction.atomic
+def send_failure_notice(message: Message, failed: list[Recipient]) -> Message | None:
+    """Queue a DSN to the envelope sender; none for a null sender or for a DSN itself."""
+    if not message.envelope_sender or message.direction == Message.Direction.DSN:
+        return None
+    return queue_notice(message, build_failure_notice(message, failed),
+                        subject=FAILURE_SUBJECT, note=f"failure notice for {message.queue_id}")
+
+
+# --- delay warnings (RFC 3464 Action: delayed) -------------------------------------------------------------
+
+def _delay_status(recipient: Recipient) -> str:
+    match = ENHANCED.search(recipient.reply_text or "")
+    return "4" + match.group(1)[1:] if match else "4.0.0"
+
+
+def build_delay_notice(message: Message, delayed: list[Recipient], retry_until) -> bytes:
+    """A warning to the sender that these recipients have not had the message yet and that it is still being
+    tried (until `retry_until`): no action is needed from them."""
+    text = [
+        f"This is the mail system at {settings.SMTP_HOSTNAME}.",
+        "",
+        "####################################################################",
+        "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+        "####################################################################",
+        "",
+        "Your message could not be delivered yet to the recipients below. It is",
+        f"still being tried, until {retry_until:%Y-%m-%d %H:%M %Z}; you will be told if it fails.",
+        "",
+        *_about(message),
+    ]
+    fields: list[str] = []
+    for recipient in delayed:
+        text.append(f"<{recipient.address}>: {recipient.reply_text or 'not delivered yet'}")
+        fields += ["", f"Final-Recipient: rfc822; {recipient.address}", "Action: delayed",
+                   f"Status: {_delay_status(recipient)}", *_diagnostic(recipient),
+                   f"Will-Retry-Until: {email.utils.format_datetime(retry_until)}"]
+    return _report(message, kind="delay", subject=DELAY_SUBJECT, text=text, recipient_fields=fields)
 
 
 def queue_notice(message: Message, data: bytes, *, subject: str, note: str) -> Message:
@@ -186,4 +171,4 @@ def send_delay_notice(message: Message, delayed: list[Recipient], retry_until) -
     if not message.envelope_sender or message.direction == Message.Direction.DSN:
         return None
     return queue_notice(message, build_delay_notice(message, delayed, retry_until),
-                        subject="Delayed Mail (still being retried)", note=f"delay warning for {message.queue_id}")
+                        subject=DELAY_SUBJECT, note=f"delay warning for {message.queue_id}")
