@@ -202,30 +202,23 @@ class ClientLimits:
 
     async def message(self, ip: str) -> float:
         """Count a message of `ip`; its rate per minute, this one included."""
-        local = self.messages.hit(ip)
-        if self.shared is not None:
-            try:
-                return max(local, await self.shared.hit("msg", ip, self.messages.window))
-            except Exception as exc:  # noqa: BLE001
-                self._unshared(exc)
-        return local
+        return await self._with_shared(self.messages.hit(ip), lambda: self.shared.hit("msg", ip, self.messages.window))
 
     async def auth_failure(self, ip: str) -> float:
         """Count a failed AUTH of `ip`; its failures in the window, this one included."""
-        local = self.auth_failures.hit(ip)
-        if self.shared is not None:
-            try:
-                return max(local, await self.shared.hit("auth", ip, self.auth_failures.window))
-            except Exception as exc:  # noqa: BLE001
-                self._unshared(exc)
-        return local
+        return await self._with_shared(self.auth_failures.hit(ip),
+                                       lambda: self.shared.hit("auth", ip, self.auth_failures.window))
 
     async def auth_failure_count(self, ip: str) -> float:
-        local = self.auth_failures.count(ip)
+        return await self._with_shared(self.auth_failures.count(ip),
+                                       lambda: self.shared.count("auth", ip, self.auth_failures.window))
+
+    async def _with_shared(self, local: float, ask) -> float:
+        """The larger of this node's count and every node's (Redis); this node's alone while Redis fails."""
         if self.shared is not None:
             try:
-                return max(local, await self.shared.count("auth", ip, self.auth_failures.window))
-            except Exception as exc:  # noqa: BLE001
+                return max(local, await ask())
+            except Exception as exc:  # noqa: BLE001 - any failure of the shared store: count alone meanwhile
                 self._unshared(exc)
         return local
 
