@@ -5,7 +5,7 @@ this module), and what holds for every test: the SMTP-time checks off, an empty 
 - tests/support/services.py: spamd, clamd, redis (real services: skip, or fail on CI), scanners_off
 - tests/support/policy.py: checks_on, policy_dns (the SMTP-time checks against the DNS stub)
 - tests/support/dnsstub.py: dns_stub (one stub per test module)
-- tests/support/mail.py: corpus
+- tests/support/mail.py: corpus, mail_log (the Postfix-style lines of a test, in a file)
 - tests/support/people.py: personas
 - tests/support/browser.py: browser, page (Playwright)
 """
@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.browser import browser, page  # noqa: F401  (fixtures)
 from tests.support.dnsstub import dns_stub  # noqa: F401  (fixture)
-from tests.support.mail import corpus  # noqa: F401  (fixture)
+from tests.support.mail import corpus, mail_log  # noqa: F401  (fixtures)
 from tests.support.people import personas  # noqa: F401  (fixture)
 from tests.support.policy import checks_on, policy_dns  # noqa: F401  (fixtures)
 from tests.support.servers import (  # noqa: F401  (fixtures)

@@ -13,27 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
 from gateway.models import MailFlowSettings, Message, Recipient
 from tests.support.mail import GTUBE_PATH, MZ_PROGRAM, eicar, message, read_mail, zipped
 from tests.support.scheduling import thread_policies
 from tests.support.servers import free_port
-from tests.support.services import in_ci
+from tests.support.services import database_url_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.services
 
 
 def database_url() -> str:
-    db = connection.settings_dict
-    if connection.vendor != "postgresql":
-        if in_ci():
-            pytest.fail("the end-to-end tests need PostgreSQL (set DATABASE_URL)")
-        pytest.skip("the end-to-end tests need PostgreSQL (set DATABASE_URL)")
-    host = db["HOST"] or "127.0.0.1"
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{host}:{db['PORT'] or 5432}/{db['NAME']}"
+    return database_url_for("the end-to-end tests")
 
 
 def wait_port(port: int, timeout: float = 30) -> None:

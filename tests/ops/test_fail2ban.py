@@ -3,7 +3,6 @@ and nothing else, read by Debian's fail2ban-regex; nothing a client sends can na
 
 from __future__ import annotations
 
-import logging
 import shutil
 import smtplib
 import subprocess
@@ -13,7 +12,6 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from gateway import maillog
 from tests.support.mail import message
 from tests.support.servers import insecure_tls, send
 from tests.support.services import require_binary
@@ -23,26 +21,6 @@ FILTER = ROOT / "conf" / "fail2ban" / "filter.d" / "mailgate.conf"
 JAIL = ROOT / "conf" / "fail2ban" / "jail.d" / "mailgate.conf"
 PASSWORD = "correct horse battery staple"
 pytestmark = pytest.mark.usefixtures("scanners_off")
-
-
-@pytest.fixture
-def mail_log(tmp_path):
-    """The Postfix-style lines of this test, in a file as MAIL_LOG_FILE would have them."""
-    from appliance.celery import app
-
-    # Celery's Django fix-up runs django.setup() (LOGGING again: handlers added since are dropped) when the
-    # app first loads its task modules: the first eager task of the run. Done now, before the handler is added.
-    app.loader.import_default_modules()
-    path = tmp_path / "mail.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(maillog.PostfixFormatter(hostname="mx1"))
-    loggers = [logging.getLogger(f"mailgate.{program}") for program in maillog.PROGRAMS]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield path
-    for logger in loggers:
-        logger.removeHandler(handler)
-    handler.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ them to syslog with facility mail; `manage.py maillog --follow`."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import select
@@ -16,36 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
 from gateway import maillog
 from gateway.models import MailFlowSettings, Message, Route
 from tests.support.mail import message
 from tests.support.servers import free_port, send
-from tests.support.services import in_ci, require_binary
+from tests.support.services import database_url_for, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("scanners_off")
-
-
-@pytest.fixture
-def mail_log(tmp_path):
-    """The Postfix-style lines of this test, in a file as MAIL_LOG_FILE would have them."""
-    from appliance.celery import app
-
-    # Celery's Django fix-up runs django.setup() (LOGGING again: handlers added since are dropped) when the
-    # app first loads its task modules: the first eager task of the run. Done now, before the handler is added.
-    app.loader.import_default_modules()
-    path = tmp_path / "mail.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(maillog.PostfixFormatter(hostname="mx1"))
-    loggers = [logging.getLogger(f"mailgate.{program}") for program in maillog.PROGRAMS]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield path
-    for logger in loggers:
-        logger.removeHandler(handler)
-    handler.close()
 
 
 def lines_of(path: Path) -> list[str]:
@@ -186,13 +164,7 @@ def test_a_bad_syslog_address_is_a_clear_error():
 # --- manage.py maillog --follow ------------------------------------------------------------------------------
 
 def database_url() -> str:
-    db = connection.settings_dict
-    if connection.vendor != "postgresql":
-        if in_ci():
-            pytest.fail("maillog --follow is tested against PostgreSQL (set DATABASE_URL)")
-        pytest.skip("maillog --follow is tested against PostgreSQL (set DATABASE_URL)")
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    return database_url_for("maillog --follow")
 
 
 def read_record(process: subprocess.Popen, timeout: float = 20) -> dict:

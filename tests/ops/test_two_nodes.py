@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
 from gateway.models import Domain, MailFlowSettings, Message, Route, SMTPPolicy
 from tests.support.mail import GTUBE_PATH, message, read_mail
 from tests.support.people import make_user
 from tests.support.servers import free_port
-from tests.support.services import in_ci
+from tests.support.services import database_url_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.services
@@ -30,13 +29,7 @@ FINAL = ("delivered", "quarantined", "bounced", "partial", "deleted", "released"
 
 
 def database_url() -> str:
-    db = connection.settings_dict
-    if connection.vendor != "postgresql":
-        if in_ci():
-            pytest.fail("the two-node test needs PostgreSQL (set DATABASE_URL)")
-        pytest.skip("the two-node test needs PostgreSQL (set DATABASE_URL)")
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    return database_url_for("the two-node test")
 
 
 def wait_until(predicate, timeout: float = 120, what: str = "condition"):

@@ -14,25 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
 
 from gateway.smtp.tls import generate_self_signed
 from tests.support.mail import message
 from tests.support.servers import free_port, insecure_tls
-from tests.support.services import in_ci
+from tests.support.services import database_url_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("scanners_off")
 
 
 def database_url() -> str:
-    db = connection.settings_dict
-    if connection.vendor != "postgresql":
-        if in_ci():
-            pytest.fail("a runsmtp process needs the test database on PostgreSQL (set DATABASE_URL)")
-        pytest.skip("a runsmtp process needs the test database on PostgreSQL (set DATABASE_URL)")
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+    return database_url_for("a runsmtp process")
 
 
 def der(path: Path) -> bytes:

@@ -4,6 +4,7 @@ corpus files: `corpus_path(relative)` (also the `corpus` fixture) and `read_mail
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
 from email.message import EmailMessage
 
@@ -64,3 +65,24 @@ def read_mail(path) -> bytes:
     if data.startswith(b"From "):
         data = data.split(b"\n", 1)[1]
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@pytest.fixture
+def mail_log(tmp_path):
+    """The Postfix-style lines of this test, in a file as MAIL_LOG_FILE would have them."""
+    from appliance.celery import app
+    from gateway import maillog
+
+    # Celery's Django fix-up runs django.setup() (LOGGING again: handlers added since are dropped) when the
+    # app first loads its task modules: the first eager task of the run. Done now, before the handler is added.
+    app.loader.import_default_modules()
+    path = tmp_path / "mail.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(maillog.PostfixFormatter(hostname="mx1"))
+    loggers = [logging.getLogger(f"mailgate.{program}") for program in maillog.PROGRAMS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield path
+    for logger in loggers:
+        logger.removeHandler(handler)
+    handler.close()

@@ -121,6 +121,18 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"{reason}; `make services` starts it")
 
 
+def database_url_for(purpose: str) -> str:
+    """The URL of the test database, for a process the test starts (runsmtp, a worker, maillog); such a test
+    needs PostgreSQL (SQLite's file is not shared that way): skip without it, fail on CI."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        unavailable(f"{purpose} needs PostgreSQL (set DATABASE_URL)")
+    db = connection.settings_dict
+    auth = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
 def require(name: str, url: str | None = None) -> str:
     """The service's URL when it answers a real PING; else skip (fail on CI)."""
     url = url or {"spamd": spamd_url, "clamd": clamd_url, "redis": redis_url}[name]()
