@@ -1,19 +1,22 @@
 # Mailgate: `make run` starts the appliance, `make test` runs the tests. `make help` lists the rest.
-PYTHON ?= python3.11
+# Python 3.11 or newer: python3.11 where it is installed, else the system's python3 (Debian 12: 3.11, 13: 3.13).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export DJANGO_SETTINGS_MODULE := appliance.settings
 
-.PHONY: help run test screenshots lint migrate superuser services bench clean
+.PHONY: help run test screenshots lint lock migrate superuser services bench clean
 
 help:  ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The virtualenv holds exactly the locked versions, every file checked against its hash (requirements-dev.lock;
+# `make lock` writes it from requirements*.txt).
+$(VENV)/.installed: requirements-dev.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is needed (Debian: apt-get install python3 python3-venv)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PYTHON) is older than Python 3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --require-hashes -r requirements-dev.lock
 	touch $@
 
 # Without a SECRET_KEY the settings refuse to load, except for `make run` (and the tests): appliance/settings.py.
@@ -36,6 +39,15 @@ screenshots: $(VENV)/.installed  ## retake docs/screenshots/ from the browser te
 lint: $(VENV)/.installed  ## ruff, and the architecture rules of pyproject.toml (import-linter; docs/architecture.md)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+
+# pip-tools resolves requirements.txt (what the appliance needs) and requirements-dev.txt (and what the tests
+# need) into the two locks, every transitive dependency pinned with the hashes of its files on PyPI.
+lock: export CUSTOM_COMPILE_COMMAND = make lock
+lock: $(VENV)/.installed  ## re-resolve requirements*.txt into requirements.lock and requirements-dev.lock
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o requirements.lock requirements.txt
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o requirements-dev.lock requirements-dev.txt
 
 migrate: $(VENV)/.installed  ## apply database migrations
 	$(PY) manage.py migrate

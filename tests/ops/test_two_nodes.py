@@ -208,3 +208,23 @@ def _connects(cluster: Cluster, node: str) -> bool:
         return True
     except smtplib.SMTPConnectError:
         return False
+
+
+def test_the_compose_healthchecks_of_the_smtp_nodes_and_the_workers_pass(cluster):
+    """docker-compose.yml's healthcheck commands, as Docker runs them in each container, against these
+    processes: the greeting of each SMTP node, a ping answered by each worker by its name."""
+    import socket
+
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    smtp_check, worker_check = (services[name]["healthcheck"]["test"][2:] for name in ("smtp", "worker"))
+    for node, port in cluster.smtp_ports.items():
+        command = [sys.executable, *(arg.replace("127.0.0.1:25", f"127.0.0.1:{port}") for arg in smtp_check)]
+        done = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "smtp: ok" in done.stdout, (node, done.stdout, done.stderr)
+    for worker in ("w1", "w2"):
+        name = f"{worker}@{socket.gethostname()}"
+        done = subprocess.run([sys.executable, *worker_check, name], cwd=ROOT, env=cluster.env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and f"worker: ok: {name}: {{'ok': 'pong'}}" in done.stdout, done.stdout
