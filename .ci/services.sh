@@ -34,7 +34,7 @@ REDIS_URL="redis://127.0.0.1:6379/15"
 PG_URL="postgres://postgres@127.0.0.1:5432/mailgate"
 
 PACKAGES=(spamassassin spamc clamav-daemon clamav-testfiles postfix swaks chromium opendkim-tools libmail-dkim-perl
-    fail2ban pflogsumm docker-compose systemd)
+    fail2ban pflogsumm docker-compose systemd unbound)
 EICAR_MD5_LINE="44d88612fea8a8f36de82e1278abb02f:68:Eicar-Test-Signature"
 CLAM_EXE_MD5_LINE="aa15bcf478d165efd2065190eb473bcb:544:ClamAV-Test-File"
 

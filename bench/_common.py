@@ -92,6 +92,61 @@ def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
         _children.remove(proc)
 
 
+UNBOUND = "/usr/sbin/unbound"
+
+
+def start_unbound(forward_port: int, log_name: str = "unbound") -> tuple[subprocess.Popen, int]:
+    """Debian's unbound on 127.0.0.1 as the MX's local caching resolver, forwarding every question to the test
+    zones' server on `forward_port` (as a real one asks the internet): the product asks unbound, which answers
+    repeated questions from its cache. Its configuration and state in a directory of its own under
+    bench/results/; no DNSSEC validation (the test zones are unsigned), no chroot, no daemon."""
+    if not os.access(UNBOUND, os.X_OK):
+        raise SystemExit(f"{UNBOUND} is missing: apt-get install unbound")
+    home = RESULTS / f"{log_name}.d"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = home / "unbound.conf"
+    config.write_text(f"""server:
+    interface: 127.0.0.1
+    port: {port}
+    do-ip6: no
+    do-daemonize: no
+    username: ""
+    chroot: ""
+    directory: "{home}"
+    pidfile: "{home}/unbound.pid"
+    logfile: ""
+    use-syslog: no
+    verbosity: 0
+    access-control: 127.0.0.0/8 allow
+    do-not-query-localhost: no
+    module-config: "iterator"
+    num-threads: 1
+    prefetch: yes
+    cache-min-ttl: 60
+    # 127.0.0.1's PTR and the RFC 2606 names are answered by the test zones, not by unbound's defaults.
+    local-zone: "127.in-addr.arpa." nodefault
+    local-zone: "test." nodefault
+    local-zone: "invalid." nodefault
+forward-zone:
+    name: "."
+    forward-addr: 127.0.0.1@{forward_port}
+""")
+    check = subprocess.run(["/usr/sbin/unbound-checkconf", str(config)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise SystemExit(f"unbound-checkconf {config}: {check.stdout}{check.stderr}")
+    proc = start([UNBOUND, "-d", "-c", str(config)], env=product_env(), log_name=log_name)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"unbound exited with {proc.returncode}; see {proc.log_path}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:  # unbound answers TCP on the same port
+                return proc, port
+        time.sleep(0.05)
+    raise SystemExit(f"unbound did not listen on 127.0.0.1:{port}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
