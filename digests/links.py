@@ -84,7 +84,7 @@ def audit(link: DigestLink, *, ip: str | None, step: str, outcome: str) -> None:
 @transaction.atomic
 def use(link: DigestLink, *, ip: str | None) -> tuple[bool, str]:
     """Do what the link is for, once: (done, what happened or why nothing did)."""
-    link = DigestLink.objects.select_for_update().select_related("message", "recipient", "subscription__user").get(
+    link = DigestLink.objects.select_for_update(of=("self",)).select_related("message", "recipient", "subscription__user").get(
         pk=link.pk)
     reason = why_not(link)
     if reason:
