@@ -84,8 +84,8 @@ def audit(link: DigestLink, *, ip: str | None, step: str, outcome: str) -> None:
 @transaction.atomic
 def use(link: DigestLink, *, ip: str | None) -> tuple[bool, str]:
     """Do what the link is for, once: (done, what happened or why nothing did)."""
-    link = DigestLink.objects.select_for_update(of=("self",)).select_related("message", "recipient", "subscription__user").get(
-        pk=link.pk)
+    link = (DigestLink.objects.select_for_update(of=("self",))
+            .select_related("message", "recipient", "subscription__user").get(pk=link.pk))
     reason = why_not(link)
     if reason:
         audit(link, ip=ip, step="refused", outcome=reason)

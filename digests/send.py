@@ -181,7 +181,8 @@ class Sent:
     message: Message | None  # None: a dry run
 
 
-def _compose(receiver: Receiver, lines: list[dict], more: int, unsubscribe_url: str, now: datetime) -> tuple[bytes, str]:
+def _compose(receiver: Receiver, lines: list[dict], more: int, unsubscribe_url: str,
+             now: datetime) -> tuple[bytes, str]:
     count = len(lines) + more
     subject = (f"Quarantine report: {count} new message{'s' if count != 1 else ''} held"
                + (f" for {', '.join(receiver.domains)}" if receiver.domains else ""))
@@ -206,7 +207,8 @@ def _compose(receiver: Receiver, lines: list[dict], more: int, unsubscribe_url: 
     return mail.as_bytes(), subject
 
 
-def send(receiver: Receiver, *, now: datetime | None = None, dry_run: bool = False, due_only: bool = False) -> Sent | None:
+def send(receiver: Receiver, *, now: datetime | None = None, dry_run: bool = False,
+         due_only: bool = False) -> Sent | None:
     """Make and queue one receiver's digest of what is new; None when nothing is (or it is not due, or off).
     The mark moves, the links are made and the message is queued in one transaction: a digest sent is a
     digest remembered, and two runs at once send it once (the subscription row is locked)."""

@@ -4,11 +4,11 @@ Signed: mail that came from an authenticated user or a trusted network (never ma
 From says), whose header From domain, or else whose envelope sender domain, is one of our domains with an
 active key (`manage.py dkim genkey`). A login's mail is signed only for the domains it may send as
 (gateway.access.SenderRights.signing_domains: its addresses' domains, a domain administrator's domains, any
-of ours for an administrator); mail the gateway writes itself (checks["generated"]: the quarantine digests) is
-signed for its From domain when that is one of ours: the SMTP server refuses a From the login does not own, and the signature does
-not rely on that alone. The signature covers the message exactly as it leaves: our trace and scan headers
-included, after the subject tag, so it is made per delivery, by the delivery task, and the stored original
-stays untouched.
+of ours for an administrator): the SMTP server refuses a From the login does not own, and the signature does
+not rely on that alone. Mail the gateway writes itself (checks["generated"]: the quarantine digests) is signed
+for its From domain when that is one of ours. The signature covers the message exactly as it leaves: our
+trace and scan headers included, after the subject tag, so it is made per delivery, by the delivery task, and
+the stored original stays untouched.
 """
 
 from __future__ import annotations
