@@ -22,6 +22,7 @@ COPY gateway ./gateway
 COPY quarantine ./quarantine
 COPY console ./console
 COPY reports ./reports
+COPY digests ./digests
 COPY templates ./templates
 COPY static ./static
 

@@ -135,6 +135,7 @@ INSTALLED_APPS = [
     "quarantine",
     "reports",
     "console",
+    "digests",
 ]
 
 MIDDLEWARE = [
@@ -382,6 +383,22 @@ SMTP_SHARED_LIMITS_TIMEOUT = envfloat("SMTP_SHARED_LIMITS_TIMEOUT", "0.5")
 # the MAIL FROM it uses (empty: the null sender <>, as a bounce would).
 SMTP_CALLAHEAD_TIMEOUT = envfloat("SMTP_CALLAHEAD_TIMEOUT", "10")
 SMTP_CALLAHEAD_SENDER = os.getenv("SMTP_CALLAHEAD_SENDER", "")
+
+# --- Quarantine digests, their links, the account page (docs/configuration.md) ----------------------------
+# Digests are sent from this address (one of our domains, so that they leave DKIM-signed) and name.
+DIGEST_SENDER = os.getenv("DIGEST_SENDER", f"quarantine@{SMTP_HOSTNAME}")
+DIGEST_SENDER_NAME = os.getenv("DIGEST_SENDER_NAME", "Quarantine report")
+# The web UI's address as people reach it, for the links in digests (which no request tells).
+SITE_URL = os.getenv("SITE_URL", "http://localhost:8000").rstrip("/")
+# Days a digest's links work (never after the message leaves the quarantine).
+DIGEST_LINK_DAYS = envint("DIGEST_LINK_DAYS", "14")
+# The most messages one digest lists (the rest: "and N more", with a link to the quarantine).
+DIGEST_MAX_ITEMS = envint("DIGEST_MAX_ITEMS", "200")
+# How often beat looks for digests that are due (seconds); each one goes at its hour.
+CELERY_BEAT_SCHEDULE["digests"] = {"task": "digests.tasks.send_due_digests",
+                                   "schedule": envfloat("DIGEST_CHECK_INTERVAL", "300")}
+# Whether users edit their own addresses and aliases on /account/ (else an administrator does).
+ACCOUNT_EDIT_ADDRESSES = envbool("ACCOUNT_EDIT_ADDRESSES", "False")
 
 # --- Running it: the mail queue, status, health and metrics (issue 16; docs/operations.md) ----------------
 # A warning (DSN, Action: delayed) goes to the sender once per recipient still deferred this many hours after

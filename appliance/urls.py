@@ -9,6 +9,8 @@ urlpatterns = [
     path("login/", LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("quarantine/", include("quarantine.urls")),
+    path("digest/", include("digests.urls")),
+    path("account/", include("console.account")),
     path("manage/", include("console.urls", namespace="manage")),
     path("", include("console.operations_urls")),  # /queue/, /status/, /healthz, /metrics
     # Last: it holds the site root (the dashboard).

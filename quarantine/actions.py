@@ -150,16 +150,21 @@ def release_message(message: Message, *, by=None, ip: str | None = None, recipie
 
 
 @transaction.atomic
-def delete_message(message: Message, *, by=None, ip: str | None = None) -> bool:
+def delete_message(message: Message, *, by=None, ip: str | None = None, recipients: list[str] | None = None) -> bool:
     """Delete the caller's copies of a quarantined message: the held recipients they act for are marked deleted,
-    the others' copies stay held. The stored original goes once no copy is held or on its way; the log entry
-    stays. Returns False when nothing was held any more; PermissionDenied when copies are held, none for them."""
+    the others' copies stay held; `recipients` narrows that to some of them (a digest link: one). The stored
+    original goes once no copy is held or on its way; the log entry stays. Returns False when nothing was held
+    any more (for `recipients`: none of them); PermissionDenied when copies are held, none for them."""
     locked = _lock(message)
     if locked is None:
         return False
     mine = _held_for(locked, by)
     if _refuse_if_none_held_for(locked, mine):
         return False
+    if recipients:
+        mine = mine.filter(address__in={r.strip().lower() for r in recipients})
+        if not mine.exists():
+            return False
     deleted = list(mine.order_by("id").values_list("address", flat=True))
     Recipient.objects.filter(pk__in=list(mine.values_list("pk", flat=True))).update(status=Recipient.Status.DELETED)
     _settle(message, timezone.now())

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import api, views
+from . import api, views, where
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -13,6 +13,8 @@ urlpatterns = [
     path("messages/<str:queue_id>/", views.message_detail, name="message_detail"),
     path("messages/<str:queue_id>/original", views.message_download, name="message_download"),
     path("messages/<str:queue_id>/preview", views.message_preview, name="message_preview"),
+    path("where/", where.search, name="where"),
+    path("where/<str:queue_id>/", where.detail, name="where_detail"),
     path("reports/", views.reports_index, name="reports"),
     path("reports/<slug:slug>/", views.report, name="report"),
     path("audit/", views.audit_log, name="audit_log"),

@@ -262,7 +262,12 @@ def message_download(request, queue_id: str):
 @login_required
 @require_GET
 def message_preview(request, queue_id: str):
-    message = message_for(request.user, queue_id)
+    return preview_response(request, message_for(request.user, queue_id))
+
+
+def preview_response(request, message: Message) -> HttpResponse:
+    """The sanitised preview of a message the caller was allowed to see (here, or through a digest's link):
+    no scripts, no remote content, a sandbox of its own (PREVIEW_CSP), framed by our pages only."""
     raw, size = _raw_head(message)
     if raw is None:
         raise Http404("original not stored")

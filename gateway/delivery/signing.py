@@ -5,9 +5,10 @@ From says), whose header From domain, or else whose envelope sender domain, is o
 active key (`manage.py dkim genkey`). A login's mail is signed only for the domains it may send as
 (gateway.access.SenderRights.signing_domains: its addresses' domains, a domain administrator's domains, any
 of ours for an administrator): the SMTP server refuses a From the login does not own, and the signature does
-not rely on that alone. The signature covers the message exactly as it leaves: our trace and scan headers
-included, after the subject tag, so it is made per delivery, by the delivery task, and the stored original
-stays untouched.
+not rely on that alone. Mail the gateway writes itself (checks["generated"]: the quarantine digests) is signed
+for its From domain when that is one of ours. The signature covers the message exactly as it leaves: our
+trace and scan headers included, after the subject tag, so it is made per delivery, by the delivery task, and
+the stored original stays untouched.
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ def rights_of(username: str) -> SenderRights:
     return rights
 
 
+# The `checks` key of a message this gateway wrote itself (the quarantine digests): never set by the SMTP server,
+# which writes what it checked of a client.
+GENERATED = "generated"
+
+
 def may_sign(message: Message) -> bool:
     checks = message.checks or {}
-    return bool(message.authenticated_as or checks.get("trusted") or checks.get("relay"))
+    return bool(message.authenticated_as or checks.get("trusted") or checks.get("relay") or checks.get(GENERATED))
 
 
 def allowed_domains(message: Message) -> set[str] | None:
@@ -55,7 +61,7 @@ def allowed_domains(message: Message) -> set[str] | None:
     if message.authenticated_as:
         return rights_of(message.authenticated_as).signing_domains()
     checks = message.checks or {}
-    if checks.get("trusted") or checks.get("relay") == "trusted network":
+    if checks.get("trusted") or checks.get("relay") == "trusted network" or checks.get(GENERATED):
         return None
     return set()
 

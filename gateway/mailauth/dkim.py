@@ -260,6 +260,9 @@ def sign(
     linesep = b"\r\n" if b"\r\n" in message else b"\n"
     signer = dkimpy.DKIM(message, logger=logger, linesep=linesep)
     include = [h.encode("ascii").lower() for h in headers] if headers is not None else None
+    if include is None and _has_field(message, b"list-unsubscribe-post"):
+        # RFC 8058 §4: the one-click unsubscription fields must be signed; dkimpy's default list lacks this one.
+        include = signer.default_sign_headers() + [b"list-unsubscribe-post"]
     return signer.sign(
         selector.encode("ascii"),
         domain.encode("idna"),
@@ -269,6 +272,12 @@ def sign(
         canonicalize=(canonicalize[0].encode("ascii"), canonicalize[1].encode("ascii")),
         include_headers=include,
     )
+
+
+def _has_field(message: bytes, name: bytes) -> bool:
+    head = message.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    return any(line.split(b":", 1)[0].strip().lower() == name for line in head.splitlines()
+               if line[:1] not in (b" ", b"\t"))
 
 
 def generate_key(algorithm: str = "rsa-sha256", bits: int = DEFAULT_RSA_BITS) -> tuple[str, str]:
