@@ -188,8 +188,11 @@ def answers(message: Message, user) -> list[Answer]:
 
 
 class WhereForm(forms.Form):
-    sender = forms.CharField(required=False, max_length=320, label="From (sender address or part of it)")
-    recipient = forms.CharField(required=False, max_length=320, label="To (recipient address or part of it)")
+    # Short labels (the filter grid's columns are narrow); the placeholder says that part of an address will do.
+    sender = forms.CharField(required=False, max_length=320, label="From",
+                             widget=forms.TextInput(attrs={"placeholder": "sender, or part of it"}))
+    recipient = forms.CharField(required=False, max_length=320, label="To",
+                                widget=forms.TextInput(attrs={"placeholder": "recipient, or part of it"}))
     since = forms.DateTimeField(required=False, label="Since",
                                 widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
     until = forms.DateTimeField(required=False, label="Until",
