@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 END_OF_DATA = b"\r\n.\r\n"
+READ_SIZE = 64 * 1024  # the most taken from the reader at once when no end of data is in sight
 STUFFED = b"\r\n."  # a line that starts with a dot had one added by the client (RFC 5321 §4.5.2)
 
 
@@ -184,7 +185,8 @@ async def read_message_data(reader: asyncio.StreamReader, *, size_limit: int | N
                 piece = await reader.readuntil(END_OF_DATA)
                 done = True
             except asyncio.LimitOverrunError as exc:  # no end within the reader's limit: take what is safe
-                piece = await reader.read(exc.consumed)
+                # At most a reader's limit at a time (what one receive brought can be four times that).
+                piece = await reader.read(min(exc.consumed, READ_SIZE))
                 done = False
         size += len(piece)
         if kept and size_limit and size > size_limit + 3:  # 0 or None: no limit, as for aiosmtpd
@@ -198,12 +200,13 @@ async def read_message_data(reader: asyncio.StreamReader, *, size_limit: int | N
                 kept_size += len(piece)
                 if kept_size > spool.threshold:
                     unstuffer = _Unstuffer(spool)
-                    for kept_piece in pieces:
-                        unstuffer.feed(kept_piece)
-                    pieces = []
+                    while pieces:
+                        unstuffer.feed(pieces.pop(0))
         if done:
             break
         tail = (tail + piece)[-(len(END_OF_DATA) - 1):]
+        # Not kept alive while the next piece is awaited: a slow sender's session holds its spool, not this.
+        piece = b""
     # What was read ends with the dot line; the CRLF before the dot ends the last line of the message.
     if size_limit and size - 3 > size_limit:
         return MessageData(None, "552 Error: Too much mail data")
