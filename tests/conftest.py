@@ -16,6 +16,7 @@ import os
 
 import pytest
 
+from tests.support.appliance import appliance  # noqa: F401  (fixture)
 from tests.support.browser import browser, page  # noqa: F401  (fixtures)
 from tests.support.dnsstub import dns_stub  # noqa: F401  (fixture)
 from tests.support.mail import corpus, mail_log  # noqa: F401  (fixtures)

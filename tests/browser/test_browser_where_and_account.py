@@ -9,8 +9,8 @@ import io
 import pytest
 from django.core.management import call_command
 
-from tests.digests.helpers import link, parts
 from tests.support.browser import login_as, screenshot
+from tests.support.digests import link, parts
 from tests.support.people import make_message, quarantined
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]

@@ -15,8 +15,8 @@ from digests.models import DigestLink
 from gateway.mailauth import dkim
 from gateway.mailauth.dns import Resolver
 from gateway.models import Recipient
-from tests.digests.helpers import csrf_of, header, link, parts
-from tests.ops.test_end_to_end import appliance, queue_id_of, settled, wait_until  # noqa: F401  (fixture)
+from tests.support.appliance import queue_id_of, settled, wait_until
+from tests.support.digests import csrf_of, header, link, parts
 from tests.support.mail import GTUBE_PATH, read_mail
 from tests.support.people import make_user
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 from digests.models import DigestLink, DigestPolicy, DomainDigestPolicy, Frequency, Subscription, UnsubscribeLink
 from digests.schedule import is_due, latest_slot
 from gateway.models import AuditEvent, Domain, Message, Recipient, SenderListEntry
-from tests.digests.helpers import csrf_of, header, link, links, parts
+from tests.support.digests import csrf_of, header, link, links, parts
 from tests.support.people import make_user, quarantined, virus
 
 pytestmark = pytest.mark.usefixtures("scanners_off")

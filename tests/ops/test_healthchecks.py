@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.appliance import wait_port
 from tests.support.servers import free_port
 from tests.support.services import database_url_for
 
@@ -32,17 +31,6 @@ def healthcheck(service: str) -> list[str]:
 
 def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server ended before it listened"
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -75,7 +63,7 @@ def test_the_web_healthcheck_passes_through_the_https_only_settings_and_fails_wh
                                  "--workers", "1"], cwd=ROOT, env=web_env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, gunicorn)
+        wait_port(port, 60, gunicorn)
         done = run(command, web_env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "web: ok: 200" in done.stdout and '"status": "ok"' in done.stdout
@@ -86,7 +74,7 @@ def test_the_web_healthcheck_passes_through_the_https_only_settings_and_fails_wh
                                      f"127.0.0.1:{port}", "--workers", "1"], cwd=ROOT,
                                     env={**web_env, "CLAMD_URL": f"tcp://127.0.0.1:{away}"},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(port, gunicorn)
+        wait_port(port, 60, gunicorn)
         done = run(command, web_env)
         assert done.returncode == 1
         assert "web: FAIL: 503" in done.stdout and "clamd" in done.stdout
@@ -99,7 +87,7 @@ def test_the_smtp_healthcheck_reads_the_greeting_of_runsmtp(base_env):
     smtp = subprocess.Popen([sys.executable, "manage.py", "runsmtp", "--listen", f"127.0.0.1:{port}"], cwd=ROOT,
                             env=base_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, smtp)
+        wait_port(port, 60, smtp)
         command = [arg.replace("127.0.0.1:25", f"127.0.0.1:{port}") for arg in healthcheck("smtp")]
         done = run(command, base_env)
         assert done.returncode == 0, done.stdout + done.stderr

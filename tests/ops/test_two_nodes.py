@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.models import Domain, MailFlowSettings, Message, Route, SMTPPolicy
+from tests.support.appliance import wait_until
 from tests.support.mail import GTUBE_PATH, message, read_mail
 from tests.support.people import make_user
 from tests.support.servers import free_port
@@ -30,16 +31,6 @@ FINAL = ("delivered", "quarantined", "bounced", "partial", "deleted", "released"
 
 def database_url() -> str:
     return database_url_for("the two-node test")
-
-
-def wait_until(predicate, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Cluster:
@@ -148,7 +139,7 @@ def test_two_nodes_and_two_workers_one_view(cluster, capture_server, corpus):
     sent[gtube] = "mx2"
 
     wait_until(lambda: Message.objects.filter(queue_id__in=sent, state__in=FINAL).count() == len(sent),
-               what="every message to settle")
+               timeout=120, what="every message to settle")
     # Once in the log each, with the node that took it.
     logged = {m.queue_id: m for m in Message.objects.filter(queue_id__in=sent)}
     assert len(logged) == len(sent) == Message.objects.filter(direction="inbound").count()
@@ -160,7 +151,7 @@ def test_two_nodes_and_two_workers_one_view(cluster, capture_server, corpus):
     assert w1 | w2 == set(sent) and not w1 & w2, (w1, w2)
     assert w1 and w2, "both workers took a share of the burst"
     # Delivered once each.
-    wait_until(lambda: len(capture_server.messages) == len(sent) - 1, what="the deliveries")
+    wait_until(lambda: len(capture_server.messages) == len(sent) - 1, timeout=120, what="the deliveries")
     subjects = [re.search(rb"Subject: (Ham \d)", m.data).group(1) for m in capture_server.messages]
     assert sorted(subjects) == sorted(f"Ham {n}".encode() for n in range(8))
     # `manage.py maillog --node` is the same view from the shell.
@@ -177,7 +168,7 @@ def test_two_nodes_and_two_workers_one_view(cluster, capture_server, corpus):
     for press in presses:
         out, err = press.communicate(timeout=120)
         assert press.returncode == 0 and out.strip().splitlines()[-1] == "302", err
-    wait_until(lambda: len(capture_server.messages) == len(sent), what="the released message")
+    wait_until(lambda: len(capture_server.messages) == len(sent), timeout=120, what="the released message")
     time.sleep(3)  # a second delivery would show up here
     assert len(capture_server.messages) == len(sent)
     assert b"GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL" in capture_server.messages[-1].data
