@@ -9,11 +9,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DJANGO_SETTINGS_MODULE=appliance.settings \
     DATA_DIR=/var/lib/mailgate
 
-# Every runtime dependency has a wheel for 3.11 (psycopg[binary] brings its own libpq): no compiler. The lock
-# pins every transitive dependency and the hash of each file (make lock): the image gets exactly what CI tested.
+# Every runtime dependency has a wheel for 3.11 (psycopg[binary] brings its own libpq) but python-ldap, which is
+# built against OpenLDAP's client library: the compiler is there for that step only, the libraries stay. The
+# lock pins every transitive dependency and the hash of each file (make lock): the image gets what CI tested.
 WORKDIR /app
 COPY requirements.lock ./
-RUN pip install --require-hashes -r requirements.lock
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libldap2-dev libsasl2-dev \
+    && pip install --require-hashes -r requirements.lock \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 
 # The application only, by name: no virtualenv, data, tests or VCS in the image.
 COPY manage.py ./

@@ -16,7 +16,8 @@ $(VENV)/.installed: requirements-dev.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is needed (Debian: apt-get install python3 python3-venv)"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PYTHON) is older than Python 3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install -q --require-hashes -r requirements-dev.lock || { echo "python-ldap is built against \
+	OpenLDAP's client library (Debian: apt-get install gcc python3-dev libldap2-dev libsasl2-dev)"; exit 1; }
 	touch $@
 
 # Without a SECRET_KEY the settings refuse to load, except for `make run` (and the tests): appliance/settings.py.

@@ -2,6 +2,9 @@
 # Install and start the services the tests need, with an offline configuration:
 #   spamd on 127.0.0.1:7830 (SpamAssassin, no network tests, Bayes learning through TELL),
 #   clamd on a Unix socket and 127.0.0.1:3310 (a local signature database, no freshclam),
+#   OpenLDAP's slapd with the test directory on 127.0.0.1:3890 (StartTLS) and 6360 (LDAPS), and Dovecot's IMAP
+#   server with test mailboxes on 127.0.0.1:1143 (STARTTLS) and 1993 (IMAPS), both with a test CA
+#   (.ci/directory/: the directory, the mailboxes, and the scripts that start each),
 # and make sure the machine's PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) answer.
 # Postfix, swaks, Chromium, the DKIM tools, fail2ban, pflogsumm and docker-compose are installed but nothing of
 # them is started (fail2ban-regex and pflogsumm read the mail log in tests/ops/test_fail2ban.py and
@@ -30,11 +33,16 @@ ENV_FILE="$HERE/state/env"
 SPAMD_URL="tcp://127.0.0.1:$SPAMD_PORT"
 CLAMD_URL="unix://$RUN_DIR/clamd.sock"
 CLAMD_TCP_URL="tcp://127.0.0.1:$CLAMD_PORT"
+LDAP_PORT="${LDAP_PORT:-3890}"
+LDAPS_PORT="${LDAPS_PORT:-6360}"
+IMAP_PORT="${IMAP_PORT:-1143}"
+IMAPS_PORT="${IMAPS_PORT:-1993}"
+TEST_TLS="$STATE/tls"
 REDIS_URL="redis://127.0.0.1:6379/15"
 PG_URL="postgres://postgres@127.0.0.1:5432/mailgate"
 
 PACKAGES=(spamassassin spamc clamav-daemon clamav-testfiles postfix swaks chromium opendkim-tools libmail-dkim-perl
-    fail2ban pflogsumm docker-compose systemd unbound)
+    fail2ban pflogsumm docker-compose systemd unbound slapd ldap-utils dovecot-imapd libldap2-dev libsasl2-dev)
 EICAR_MD5_LINE="44d88612fea8a8f36de82e1278abb02f:68:Eicar-Test-Signature"
 CLAM_EXE_MD5_LINE="aa15bcf478d165efd2065190eb473bcb:544:ClamAV-Test-File"
 
@@ -75,6 +83,8 @@ try:
             ok = answer.startswith(b"stream: Eicar-Test-Signature") and answer.rstrip(b"\0\n").endswith(b"FOUND")
             if not ok:
                 print(f"clamd answered {answer!r} to EICAR", file=sys.stderr)
+        elif kind == "imap":
+            ok = s.recv(200).startswith(b"* OK")
         elif kind == "redis":
             s.sendall(b"PING\r\n")
             ok = s.recv(64).startswith(b"+PONG")
@@ -93,6 +103,12 @@ wait_for() {  # wait_for KIND URL SECONDS
         sleep 0.25
     done
     return 1
+}
+
+ldap_answers() {  # a bind of the gateway's service account over StartTLS, checked against the test CA
+    [[ -s $TEST_TLS/ca.pem ]] && command -v ldapwhoami >/dev/null &&
+        LDAPTLS_CACERT="$TEST_TLS/ca.pem" timeout 5 ldapwhoami -x -ZZ -H "ldap://127.0.0.1:$LDAP_PORT" \
+            -D "cn=mailgate,ou=services,dc=example,dc=edu" -w gateway-bind-secret >/dev/null 2>&1
 }
 
 pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -125,6 +141,11 @@ write_env() {
         echo "export CLAMD_URL=$CLAMD_URL"
         echo "export CLAMD_TCP_URL=$CLAMD_TCP_URL"
         echo "export REDIS_URL=$REDIS_URL"
+        echo "export LDAP_URL=ldap://127.0.0.1:$LDAP_PORT"
+        echo "export LDAPS_URL=ldaps://127.0.0.1:$LDAPS_PORT"
+        echo "export IMAP_URL=imap://127.0.0.1:$IMAP_PORT"
+        echo "export IMAPS_URL=imaps://127.0.0.1:$IMAPS_PORT"
+        echo "export MAILGATE_TEST_CA=$TEST_TLS/ca.pem"
         if pg_isready -q -h 127.0.0.1 -p 5432 -t 3 2>/dev/null; then
             echo "export TEST_DATABASE_URL=$PG_URL"
         fi
@@ -138,14 +159,15 @@ write_env() {
 
 # --- not root: nothing to do when everything answers; else ask for root --------------------------
 if [[ $EUID -ne 0 ]]; then
-    if command -v dpkg-query >/dev/null && all_installed && probe spamd "$SPAMD_URL" && probe clamd "$CLAMD_URL"; then
-        log "spamd and clamd answer already"
+    if command -v dpkg-query >/dev/null && all_installed && probe spamd "$SPAMD_URL" && probe clamd "$CLAMD_URL" &&
+        ldap_answers && probe imap "tcp://127.0.0.1:$IMAP_PORT"; then
+        log "spamd, clamd, slapd and dovecot answer already"
         write_env
         exit 0
     fi
     command -v sudo >/dev/null || die "run as root (installs packages and starts spamd and clamd)"
     log "needs root: re-running with sudo"
-    exec sudo --preserve-env=CI,MAILGATE_STATE_DIR,MAILGATE_RUN_DIR,SPAMD_PORT,CLAMD_PORT,MAILGATE_CORPUS \
+    exec sudo --preserve-env=CI,MAILGATE_STATE_DIR,MAILGATE_RUN_DIR,SPAMD_PORT,CLAMD_PORT,LDAP_PORT,LDAPS_PORT,IMAP_PORT,IMAPS_PORT,MAILGATE_CORPUS \
         bash "$HERE/services.sh" "$@"
 fi
 
@@ -290,6 +312,28 @@ fi
 probe clamd "$CLAMD_TCP_URL" || die "clamd answers on $CLAMD_URL but not on $CLAMD_TCP_URL (port taken by another clamd?)"
 probe clamd-eicar "$CLAMD_URL" || die "clamd does not find EICAR: its signature database is wrong ($CLAM_DB)"
 log "clamd: EICAR found"
+
+# --- the test directory (slapd) and the test mailboxes (dovecot) ---------------------------------
+# Each is started from its script in .ci/directory with a fresh copy of its data, and restarted when the data or
+# the script changed since it was started (the stamp), so a test always meets the directory the LDIF describes.
+bash "$ROOT/.ci/directory/test-ca.sh" "$TEST_TLS"
+directory_stamp="$(cat "$ROOT"/.ci/directory/* | sha256sum | cut -d' ' -f1)"
+if ! ldap_answers || [[ "$(cat "$STATE/slapd.stamp" 2>/dev/null)" != "$directory_stamp:$LDAP_PORT:$LDAPS_PORT" ]]; then
+    log "starting slapd with the test directory on 127.0.0.1:$LDAP_PORT (StartTLS) and $LDAPS_PORT (LDAPS)"
+    bash "$ROOT/.ci/directory/slapd-instance.sh" start "$STATE/slapd" "$LDAP_PORT" "$LDAPS_PORT" "$TEST_TLS" ||
+        die "slapd did not start"
+    echo "$directory_stamp:$LDAP_PORT:$LDAPS_PORT" >"$STATE/slapd.stamp"
+fi
+ldap_answers || die "slapd does not answer a StartTLS bind on 127.0.0.1:$LDAP_PORT"
+log "slapd answers on 127.0.0.1:$LDAP_PORT and $LDAPS_PORT"
+if ! probe imap "tcp://127.0.0.1:$IMAP_PORT" ||
+    [[ "$(cat "$STATE/dovecot.stamp" 2>/dev/null)" != "$directory_stamp:$IMAP_PORT:$IMAPS_PORT" ]]; then
+    log "starting dovecot with the test mailboxes on 127.0.0.1:$IMAP_PORT (STARTTLS) and $IMAPS_PORT (IMAPS)"
+    bash "$ROOT/.ci/directory/dovecot-instance.sh" start "$STATE/dovecot" "$IMAP_PORT" "$IMAPS_PORT" "$TEST_TLS" ||
+        die "dovecot did not start"
+    echo "$directory_stamp:$IMAP_PORT:$IMAPS_PORT" >"$STATE/dovecot.stamp"
+fi
+log "dovecot answers on 127.0.0.1:$IMAP_PORT and $IMAPS_PORT"
 
 # --- PostgreSQL and Redis (already running on the project's machines) --------------------------
 problems=()

@@ -92,6 +92,7 @@ class Domain(models.Model):
         ANY = "any", "Accept any local part"
         LIST = "list", "Only the listed addresses"
         CALLAHEAD = "callahead", "Ask the route's server (RCPT probe)"
+        LDAP = "ldap", "Look the address up in the domain's directory (LDAP)"
 
     name = models.CharField(max_length=253, unique=True, validators=[validate_domain_name])
     route = models.ForeignKey(Route, on_delete=models.PROTECT, related_name="domains")
@@ -470,6 +471,10 @@ class UserProfile(models.Model):
     role = models.CharField(max_length=15, choices=Role.choices, default=Role.USER)
     domains = models.ManyToManyField(Domain, blank=True, related_name="administrators")
     addresses = models.TextField(blank=True, help_text="Extra addresses and aliases, one per line")
+    directory = models.ForeignKey(
+        "Directory", null=True, blank=True, on_delete=models.SET_NULL, related_name="profiles",
+        help_text="The directory this login belongs to: it logs in there, and its role and addresses come from "
+                  "there at each login. Empty: a local account with its own password.")
 
     def __str__(self) -> str:
         return f"{self.user} ({self.get_role_display()})"
@@ -847,3 +852,176 @@ class MetricTotal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node} {self.name}{{{self.labels}}} {self.value}"
+
+
+# --- the organisation's directories: logins and recipients ----------------------------------------------
+
+def validate_directory_uri(value: str) -> None:
+    """ldap:// (StartTLS), ldaps://, imap:// (STARTTLS) or imaps://, each with a host; several LDAP servers
+    may be given, separated by spaces, and are tried in turn."""
+    from urllib.parse import urlsplit
+
+    uris = value.split()
+    if not uris:
+        raise ValidationError("enter the server's URI")
+    schemes = set()
+    for uri in uris:
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        except ValueError as exc:
+            raise ValidationError(f"{uri}: {exc}") from exc
+        if parts.scheme not in ("ldap", "ldaps", "imap", "imaps") or not parts.hostname:
+            raise ValidationError(f"{uri}: expected ldap://host, ldaps://host, imap://host or imaps://host")
+        if parts.path not in ("", "/") or parts.query:
+            raise ValidationError(f"{uri}: only a host and a port")
+        schemes.add(parts.scheme)
+    if len(schemes) > 1:
+        raise ValidationError("every server the same way: all ldap:// (StartTLS) or all ldaps://")
+    if "imap" in schemes and len(uris) > 1:
+        raise ValidationError("one IMAP server")
+
+
+class Directory(models.Model):
+    """A directory of the organisation's people that logins, and a domain's recipients, are checked against:
+    an LDAP server (OpenLDAP, Active Directory) or a domain's IMAP server (logins only).
+
+    A directory of a domain logs in that domain's people by their address and grants only addresses of that
+    domain; a directory without a domain (LDAP only) serves logins by any name and grants addresses of every
+    domain we receive mail for. Passwords are never stored: each login asks the directory. Its connection is
+    always encrypted with the certificate verified: ldap:// and imap:// with StartTLS, ldaps:// and imaps:// with
+    TLS from the start, against `ca_certificate` or the system's trusted CAs. docs/directory.md.
+    """
+
+    class Kind(models.TextChoices):
+        LDAP = "ldap", "LDAP / Active Directory"
+        IMAP = "imap", "IMAP server (logins only)"
+
+    class GroupType(models.TextChoices):
+        GROUP_OF_NAMES = "groupOfNames", "groupOfNames / member (OpenLDAP)"
+        GROUP_OF_UNIQUE_NAMES = "groupOfUniqueNames", "groupOfUniqueNames / uniqueMember"
+        POSIX = "posixGroup", "posixGroup / memberUid"
+        ACTIVE_DIRECTORY = "activeDirectory", "Active Directory groups (nested)"
+
+    class Unreachable(models.TextChoices):
+        TEMPFAIL = "tempfail", "Defer the recipient: 451 4.4.3 (the sender retries)"
+        ACCEPT = "accept", "Accept the recipient unchecked"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=4, choices=Kind.choices, default=Kind.LDAP)
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.CASCADE, related_name="directories",
+                               help_text="The domain whose people it holds. Empty (LDAP only): every domain.")
+    active = models.BooleanField(default=True)
+    position = models.PositiveSmallIntegerField(default=0, help_text="Directories are asked in this order")
+    uri = models.CharField(
+        max_length=500, validators=[validate_directory_uri],
+        help_text="ldap://host (StartTLS), ldaps://host, imap://host (STARTTLS) or imaps://host, with :port if "
+                  "it is not the usual one; several LDAP servers separated by spaces")
+    ca_certificate = models.TextField(
+        blank=True, help_text="The CA certificate(s) the server's certificate must chain to (PEM). Empty: the "
+                              "system's trusted CAs.")
+    timeout = models.PositiveSmallIntegerField(default=5, validators=[MinValueValidator(1), MaxValueValidator(60)],
+                                               help_text="Seconds to wait for the server")
+    # LDAP: how to find a person and what their entry says.
+    bind_dn = models.CharField(max_length=500, blank=True,
+                               help_text="The service account the gateway searches as (empty: anonymous)")
+    bind_password = models.CharField(max_length=500, blank=True)
+    user_base = models.CharField(max_length=500, blank=True, help_text="Where people are searched")
+    user_filter = models.CharField(
+        max_length=500, default="(|(uid=%(user)s)(mail=%(user)s))",
+        help_text="The search for the login; %(user)s is what the person typed. Active Directory: "
+                  "(|(sAMAccountName=%(user)s)(userPrincipalName=%(user)s)(mail=%(user)s))")
+    mail_attribute = models.CharField(max_length=100, default="mail", help_text="The primary address")
+    alias_attributes = models.CharField(
+        max_length=300, default="mailAlternateAddress proxyAddresses", blank=True,
+        help_text="Attributes holding further addresses, separated by spaces (proxyAddresses values are read "
+                  "as Active Directory writes them: smtp:address)")
+    group_type = models.CharField(max_length=20, choices=GroupType.choices, default=GroupType.GROUP_OF_NAMES)
+    group_base = models.CharField(max_length=500, blank=True,
+                                  help_text="Where groups are searched (empty: the people's base)")
+    admin_group = models.CharField(max_length=500, blank=True,
+                                   help_text="DN of the group whose members are administrators")
+    domain_admin_group = models.CharField(
+        max_length=500, blank=True,
+        help_text="DN of the group whose members are domain administrators of the domains of their addresses")
+    recipient_filter = models.CharField(
+        max_length=500,
+        default="(|(mail=%(address)s)(mailAlternateAddress=%(address)s)(proxyAddresses=smtp:%(address)s))",
+        help_text="The recipient check's search; %(address)s is the recipient address")
+    # The recipient check: how long answers are kept, and what a directory that cannot be asked means.
+    positive_minutes = models.PositiveIntegerField(default=60, help_text="How long an address found is remembered")
+    negative_minutes = models.PositiveIntegerField(default=10,
+                                                   help_text="How long an address not found is remembered")
+    unreachable = models.CharField(max_length=10, choices=Unreachable.choices, default=Unreachable.TEMPFAIL,
+                                   help_text="The recipient check when the directory cannot be asked")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["position", "name"]
+        verbose_name_plural = "directories"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        scheme = self.uri.split()[0].partition(":")[0] if self.uri.split() else ""
+        if scheme and scheme.rstrip("s") != self.kind:
+            raise ValidationError({"uri": f"a {self.get_kind_display()} is reached by "
+                                          + ("ldap:// or ldaps://" if self.kind == self.Kind.LDAP
+                                             else "imap:// or imaps://")})
+        if self.kind == self.Kind.IMAP and self.domain_id is None:
+            raise ValidationError({"domain": "an IMAP server logs in the people of one domain: choose it"})
+        if self.kind == self.Kind.LDAP:
+            errors = {}
+            if not self.user_base.strip():
+                errors["user_base"] = "where are people searched?"
+            if "%(user)s" not in self.user_filter:
+                errors["user_filter"] = "the filter must contain %(user)s"
+            if "%(address)s" not in self.recipient_filter:
+                errors["recipient_filter"] = "the filter must contain %(address)s"
+            for name in ("user_filter", "recipient_filter"):
+                value = getattr(self, name).strip()
+                if value and not (value.startswith("(") and value.endswith(")")):
+                    errors.setdefault(name, "an LDAP filter is written in parentheses")
+            if errors:
+                raise ValidationError(errors)
+        if self.ca_certificate.strip() and "-----BEGIN CERTIFICATE-----" not in self.ca_certificate:
+            raise ValidationError({"ca_certificate": "paste the CA certificate in PEM form "
+                                                     "(-----BEGIN CERTIFICATE-----)"})
+
+    def alias_attribute_list(self) -> list[str]:
+        return [name for name in self.alias_attributes.split() if name]
+
+
+class DirectoryAddress(models.Model):
+    """An address the directory holds, as the last `manage.py directory sync` found it: what the directory
+    page lists, and what scripts read."""
+
+    directory = models.ForeignKey(Directory, on_delete=models.CASCADE, related_name="addresses")
+    address = models.CharField(max_length=320)
+    primary = models.CharField(max_length=320, help_text="The primary address of the entry it belongs to")
+    dn = models.CharField(max_length=1000)
+    name = models.CharField(max_length=300, blank=True)
+    synced_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["directory", "address"]
+        constraints = [models.UniqueConstraint(fields=["directory", "address"], name="unique_directory_address")]
+
+    def __str__(self) -> str:
+        return self.address
+
+
+class DirectoryLookup(models.Model):
+    """The cached answer of a directory to the recipient check: whether the address is there, for
+    `positive_minutes` or `negative_minutes` of its directory (shared by the SMTP nodes)."""
+
+    address = models.CharField(max_length=320, unique=True)
+    directory = models.ForeignKey(Directory, on_delete=models.CASCADE, related_name="lookups")
+    exists = models.BooleanField()
+    dn = models.CharField(max_length=1000, blank=True)
+    checked_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.address}: {'found' if self.exists else 'not found'} in {self.directory_id}"

@@ -18,7 +18,8 @@ IPv6 clients are counted by their /64, the block one subscriber is given: counti
 give an attacker 2^64 fresh starts.
 
 The Django side is `ThrottledModelBackend`, the one entry of AUTHENTICATION_BACKENDS: every call of
-django.contrib.auth.authenticate() goes through it, whoever makes it. The caller's IP comes from the request,
+django.contrib.auth.authenticate() goes through it, whoever makes it. It checks the local accounts' passwords,
+then the organisation's directories (gateway.directory.login). The caller's IP comes from the request,
 or from a `client_ip` credential when there is no request (SMTP AUTH).
 """
 
@@ -37,6 +38,7 @@ from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 
 from gateway import maillog
+from gateway.directory import login as directory_login
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +202,10 @@ class ThrottledModelBackend(ModelBackend):
                 maillog.web_login_failed(client_ip=ip, username=str(username), throttled=True)
             raise PermissionDenied(reason)
         user = super().authenticate(request, username=username, password=password, **kwargs)
+        if user is None:
+            # Not a local account's password: the organisation's directories (LDAP, IMAP), behind the same
+            # throttle, so a guess against a directory account counts like any other.
+            user = directory_login.authenticate(request, str(username), str(password), client_ip=ip)
         if user is None:
             record_failure(username, ip)
             if request is not None:

@@ -8,6 +8,7 @@ this module), and what holds for every test: the SMTP-time checks off, an empty 
 - tests/support/mail.py: corpus, mail_log (the Postfix-style lines of a test, in a file)
 - tests/support/people.py: personas
 - tests/support/browser.py: browser, page (Playwright)
+- tests/support/directory.py: ldap_directory, imap_directory (slapd and Dovecot on loopback)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from tests.support.appliance import appliance  # noqa: F401  (fixture)
 from tests.support.browser import browser, page  # noqa: F401  (fixtures)
+from tests.support.directory import imap_directory, ldap_directory  # noqa: F401  (fixtures)
 from tests.support.dnsstub import dns_stub  # noqa: F401  (fixture)
 from tests.support.mail import corpus, mail_log  # noqa: F401  (fixtures)
 from tests.support.people import personas  # noqa: F401  (fixture)

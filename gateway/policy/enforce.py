@@ -30,9 +30,10 @@ from django.db import close_old_connections
 
 from gateway import maillog
 from gateway.access import SenderRights
+from gateway.directory.recipients import DirectoryRecipients
 from gateway.intake.store import log_refusal
 from gateway.mailauth.dns import TemporaryDNSError
-from gateway.models import CheckAction, Domain, Message
+from gateway.models import CheckAction, Directory, Domain, Message
 
 from . import checks, senders
 from .callahead import CallAhead
@@ -58,6 +59,7 @@ class Enforcer:
         self._background: set[asyncio.Task] = set()
         self.greylist = Greylist()
         self.callahead = CallAhead()
+        self.directory = DirectoryRecipients()
         self._resolver: CachingResolver | None = None
         self._resolver_key: tuple | None = None
         self._spf_cache: checks.ResultCache | None = None
@@ -192,6 +194,10 @@ class Enforcer:
                 out["callahead"] = {"result": "pass" if all(v in ("exists", "unreachable (accepted)")
                                                             for v in txn.callahead.values()) else "fail",
                                     "recipients": dict(txn.callahead), "seconds": round(txn.callahead_seconds, 4)}
+            if txn.directory:
+                out["directory"] = {"result": "pass" if all(v.startswith(("found", "unreachable (accepted)"))
+                                                            for v in txn.directory.values()) else "fail",
+                                    "recipients": dict(txn.directory), "seconds": round(txn.directory_seconds, 4)}
             if txn.greylist:
                 states = set(txn.greylist.values())
                 out["greylist"] = {"result": "pass" if states <= {"passed", "known", "allow-listed", "would defer"}
@@ -440,6 +446,10 @@ class Enforcer:
             refused = await self._callahead(session, envelope, snapshot, address, domain)
             if refused:
                 return refused
+        if local and not always and snapshot.domains[domain] == Domain.RecipientCheck.LDAP:
+            refused = await self._in_directory(session, envelope, address, domain)
+            if refused:
+                return refused
         if local and not always and not txn.exempt and not allowed:
             refused = await self._greylist(session, envelope, snapshot.checks, address)
             if refused:
@@ -501,6 +511,31 @@ class Enforcer:
             txn.callahead[recipient] = "unreachable (accepted)"
             return ""
         txn.callahead[recipient] = "exists"
+        return ""
+
+    async def _in_directory(self, session, envelope, recipient: str, domain: str) -> str:
+        """The recipient check of a domain whose check is "ldap": 550 5.1.1 for an address its directory does
+        not hold, 451 4.4.3 (or accepted, as the directory says) when the directory cannot be asked."""
+        txn: Transaction = envelope.txn
+        started = time.monotonic()
+        answer = await asyncio.to_thread(self.directory.verify, recipient, domain)
+        txn.directory_seconds += time.monotonic() - started
+        remembered = " (remembered)" if answer.cached else ""
+        if answer.state == "unknown_user":
+            txn.directory[recipient] = f"not in {answer.directory}{remembered}"
+            return await self._refuse_recipient(session, envelope, txn.directory, Refusal.UNKNOWN_USER,
+                                                f"550 5.1.1 <{recipient}>: Recipient address rejected: User unknown",
+                                                recipient)
+        if answer.state == "unreachable":
+            log.warning("recipient check of <%s>: %s", recipient, answer.detail)
+            if answer.unreachable_action == Directory.Unreachable.ACCEPT:
+                txn.directory[recipient] = f"unreachable (accepted): {answer.detail}"
+                return ""
+            txn.directory[recipient] = f"unreachable: {answer.detail}"
+            return await self._refuse_recipient(session, envelope, txn.directory, Refusal.UNKNOWN_USER,
+                                                f"451 4.4.3 <{recipient}>: Recipient address rejected: the "
+                                                "directory cannot be asked, try again later", recipient)
+        txn.directory[recipient] = f"found in {answer.directory}{remembered}"
         return ""
 
     async def _greylist(self, session, envelope, config: CheckConfig, recipient: str) -> str:

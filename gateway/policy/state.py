@@ -61,3 +61,5 @@ class Transaction:
         self.greylist_seconds = 0.0
         self.callahead: dict[str, str] = {}
         self.callahead_seconds = 0.0
+        self.directory: dict[str, str] = {}  # the recipient check of domains whose check is "ldap"
+        self.directory_seconds = 0.0

@@ -1,0 +1,160 @@
+"""Logins against the organisation's directories, and the accounts they become.
+
+`authenticate()` is called by the login throttle (gateway.throttle.ThrottledModelBackend) when the local
+password check found nothing, so every door (the site, the Django admin, SMTP AUTH) reaches the directories
+behind the same throttle. Which directories a login is tried against (`candidates`):
+
+- a name that is an account already: only that account's own directory (none for a local account, whose
+  password is ours);
+- an address (user@domain): the directories of that domain (LDAP or IMAP), then those without a domain;
+- any other name: the LDAP directories without a domain, then those of a domain (their filter decides).
+
+The first that takes the password wins. The account is named by the person's primary address and belongs
+to its directory: its role, addresses and domains are refreshed from the directory at each login, and it
+never has a password of its own. A directory of one domain grants only addresses of that domain and at most
+the domain administrator's role for it; a directory without a domain grants addresses of our domains, and
+its administrators' group makes administrators.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+
+from gateway.access import Role, address_domain, canonical_domain
+from gateway.models import Directory, Domain, UserProfile, record_audit
+
+from . import imap
+from . import ldap as directory_ldap
+
+log = logging.getLogger(__name__)
+
+
+def candidates(login: str) -> list[Directory]:
+    """The directories a login is tried against, in order."""
+    User = get_user_model()
+    login = login.strip()
+    account = User.objects.filter(**{f"{User.USERNAME_FIELD}__iexact": login}).select_related(
+        "mail_profile__directory").first()
+    if account is not None:
+        profile = getattr(account, "mail_profile", None)
+        directory = profile.directory if profile is not None else None
+        return [directory] if directory is not None and directory.active else []
+    active = list(Directory.objects.filter(active=True).select_related("domain"))
+    everywhere = [d for d in active if d.domain_id is None and d.kind == Directory.Kind.LDAP]
+    if "@" in login:
+        domain = canonical_domain(login.rpartition("@")[2])
+        own = [d for d in active if d.domain_id is not None and d.domain.active and d.domain.name == domain]
+        return own + everywhere
+    return everywhere + [d for d in active if d.domain_id is not None and d.kind == Directory.Kind.LDAP
+                         and d.domain.active]
+
+
+def claim_account(directory: Directory, addresses: list[str]):
+    """(this directory's account of a person with these addresses, whether it is new), named by the first of
+    them in the directory's domains; (None, False) when none is, or when an account of that name is someone
+    else's: a local one, or another directory's."""
+    allowed = granted_domains(directory)
+    own = [a for a in addresses if address_domain(a) in allowed]
+    if not own:
+        log.warning("directory %s: %s has no address in %s; not logged in", directory.name,
+                    addresses[0] if addresses else "an entry", ", ".join(sorted(allowed)) or "our domains")
+        return None, False
+    address = own[0]
+    User = get_user_model()
+    user = User.objects.filter(**{f"{User.USERNAME_FIELD}__iexact": address}).select_related("mail_profile").first()
+    if user is None:
+        return User(**{User.USERNAME_FIELD: address}), True
+    profile = getattr(user, "mail_profile", None)
+    if profile is None or profile.directory_id != directory.pk:
+        log.warning("directory %s: %s logged in there, but the account %s is not that directory's; refused",
+                    directory.name, address, user.get_username())
+        return None, False
+    return user, False
+
+
+def authenticate(request, login: str, password: str, client_ip: str | None = None):
+    """The account of a login one of the directories takes, refreshed from it; or None. `client_ip` is the
+    person's address (the IMAP server is told it)."""
+    if not login or not password:
+        return None
+    for directory in candidates(login):
+        try:
+            if directory.kind == Directory.Kind.IMAP:
+                user = _imap_login(directory, login, password, client_ip)
+            else:
+                user = _ldap_login(directory, login, password, request)
+        except (directory_ldap.Unreachable, imap.Unreachable) as exc:
+            log.warning("directory %s cannot be reached for the login of %r: %s", directory.name, login[:100], exc)
+            continue
+        if user is not None:
+            return user
+    return None
+
+
+def _ldap_login(directory: Directory, login: str, password: str, request):
+    user, person = directory_ldap.login(directory, login, password, request, claim_account)
+    if user is None or person is None:
+        return None
+    return _refresh(directory, user, person.addresses, admin=person.admin, domain_admin=person.domain_admin,
+                    first_name=person.first_name, last_name=person.last_name)
+
+
+def _imap_login(directory: Directory, login: str, password: str, client_ip: str | None):
+    address = login.strip().lower()
+    if "@" not in address or not imap.login(directory, address, password, client_ip):
+        return None
+    user, _built = claim_account(directory, [address])
+    if user is None:
+        return None
+    return _refresh(directory, user, [address])
+
+
+def granted_domains(directory: Directory) -> set[str]:
+    """The domains whose addresses, and whose administration, this directory may give."""
+    if directory.domain_id is not None:
+        return {directory.domain.name}
+    return set(Domain.objects.filter(active=True).values_list("name", flat=True))
+
+
+@transaction.atomic
+def _refresh(directory: Directory, user, addresses: list[str], *, admin: bool = False, domain_admin: bool = False,
+             first_name: str = "", last_name: str = ""):
+    """Make the account what the directory says: its addresses in the directory's domains, its role and its
+    domains. None (no login) when nothing the directory gives is an address of ours, or the account has been
+    disabled here."""
+    allowed = granted_domains(directory)
+    own = [a for a in addresses if address_domain(a) in allowed]
+    if not own:  # claim_account refused such a person before any account was made
+        return None
+    if user.pk is not None and not user.is_active:
+        log.info("directory %s: %s is disabled here; not logged in", directory.name, user.get_username())
+        return None
+    if admin and directory.domain_id is None:
+        role, domains = Role.ADMIN, []
+    elif admin or domain_admin:
+        role, domains = Role.DOMAIN_ADMIN, sorted({address_domain(a) for a in own} & allowed)
+    else:
+        role, domains = Role.USER, []
+    user.email = own[0]
+    user.first_name, user.last_name = first_name[:150], last_name[:150]
+    user.is_superuser = user.is_staff = role == Role.ADMIN
+    user.is_active = True
+    if user.has_usable_password():
+        user.set_unusable_password()  # the directory judges every login: no password of ours
+    user.save()
+    profile, new = UserProfile.objects.get_or_create(user=user, defaults={"directory": directory})
+    before = (profile.role, profile.addresses, sorted(profile.domains.values_list("name", flat=True)))
+    profile.directory = directory
+    profile.role = role
+    profile.addresses = "\n".join(own[1:])
+    profile.save()
+    profile.domains.set(Domain.objects.filter(name__in=domains))
+    after = (role, profile.addresses, domains)
+    if new or before != after:
+        record_audit("directory_account_created" if new else "directory_account_updated", user=user,
+                     target=f"user {user.get_username()}", directory=directory.name, role=role, addresses=own,
+                     domains=domains)
+    return user
