@@ -295,3 +295,58 @@ def entries(directory: Directory) -> Iterator[Entry]:
         raise Unreachable(describe(exc)) from exc
     finally:
         conn.unbind_s()
+
+
+# --- a configuration tested: who a login would be, without logging anyone in ----------------------------
+
+IN_CHAIN = "1.2.840.113556.1.4.1941"  # Active Directory's LDAP_MATCHING_RULE_IN_CHAIN: nested membership
+
+
+def is_member(conn, directory: Directory, group_dn: str, user_dn: str, attrs: dict) -> bool:
+    """Whether the entry is in the group, as the directory's group type reads membership."""
+    try:
+        if directory.group_type == Directory.GroupType.ACTIVE_DIRECTORY:
+            found = conn.search_ext_s(group_dn, ldap.SCOPE_BASE,
+                                      f"(member:{IN_CHAIN}:={escape_filter_chars(user_dn)})", ["1.1"],
+                                      timeout=directory.timeout)
+            return any(dn for dn, _ in found)
+        if directory.group_type == Directory.GroupType.POSIX:
+            uid = first_value(attrs, "uid")
+            return bool(uid) and bool(conn.compare_s(group_dn, "memberUid", uid.encode()))
+        attr = "uniqueMember" if directory.group_type == Directory.GroupType.GROUP_OF_UNIQUE_NAMES else "member"
+        return bool(conn.compare_s(group_dn, attr, user_dn.encode()))
+    except (ldap.NO_SUCH_OBJECT, ldap.NO_SUCH_ATTRIBUTE, ldap.UNDEFINED_TYPE):
+        return False
+    except ldap.LDAPError as exc:
+        raise Unreachable(describe(exc)) from exc
+
+
+def lookup_person(directory: Directory, login_name: str) -> Person | None:
+    """What the directory says of a login, searched as the service account (no password asked, no account
+    made): the entry, its addresses and the groups that make roles. None when no entry matches. For `directory
+    test` and the directory page's test."""
+    conn = connect(directory)
+    try:
+        filterstr = directory.user_filter.replace("%(user)s", escape_filter_chars(login_name.strip()))
+        try:
+            found = conn.search_ext_s(directory.user_base, ldap.SCOPE_SUBTREE, filterstr, None,
+                                      timeout=directory.timeout, sizelimit=2)
+        except ldap.SIZELIMIT_EXCEEDED as exc:
+            raise Unreachable(f"more than one entry matches {login_name!r}: the filter must find one") from exc
+        except ldap.LDAPError as exc:
+            raise Unreachable(describe(exc)) from exc
+        entries = [(dn, attrs) for dn, attrs in found if dn]
+        if len(entries) > 1:
+            raise Unreachable(f"more than one entry matches {login_name!r}: the filter must find one")
+        if not entries:
+            return None
+        dn, attrs = entries[0]
+        groups = [g for g in (directory.admin_group, directory.domain_admin_group)
+                  if g and is_member(conn, directory, g, dn, attrs)]
+        return Person(dn=dn, addresses=addresses_of_entry(directory, attrs), first_name=first_value(attrs, "givenName"),
+                      last_name=first_value(attrs, "sn"),
+                      admin=bool(directory.admin_group) and directory.admin_group in groups,
+                      domain_admin=bool(directory.domain_admin_group) and directory.domain_admin_group in groups,
+                      groups=groups)
+    finally:
+        conn.unbind_s()

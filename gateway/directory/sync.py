@@ -1,0 +1,158 @@
+"""What a directory holds: every address of every entry, kept as DirectoryAddress rows for the directory page
+and printed by `manage.py directory sync` for scripts; optionally, the accounts of people no longer there
+disabled. And a configuration tested (`check`): the connection, a login and an address, as the gateway would
+see them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from gateway.access import Role, address_domain
+from gateway.models import Directory, DirectoryAddress, record_audit
+
+from . import imap
+from . import ldap as directory_ldap
+from .login import granted_domains
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncResult:
+    directory: str
+    entries: int = 0
+    addresses: list[tuple[str, str, str, str]] = field(default_factory=list)  # (address, primary, name, dn)
+    added: int = 0
+    removed: int = 0
+    disabled: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def sync(directory: Directory, *, disable_missing: bool = False, user=None) -> SyncResult:
+    """List the directory (LDAP) into DirectoryAddress: only addresses of the domains it speaks for. With
+    `disable_missing`, its accounts whose address is no longer there are disabled (and enabled again by their
+    next login, should they come back). Raises directory_ldap.Unreachable; writes nothing then."""
+    if directory.kind != Directory.Kind.LDAP:
+        raise ValueError(f"{directory.name} is an IMAP server: it cannot list its mailboxes")
+    started = time.monotonic()
+    result = SyncResult(directory=directory.name)
+    allowed = granted_domains(directory)
+    for entry in directory_ldap.entries(directory):
+        own = [a for a in entry.addresses if address_domain(a) in allowed]
+        if not own:
+            continue
+        result.entries += 1
+        result.addresses += [(address, own[0], entry.name, entry.dn) for address in own]
+    now = timezone.now()
+    found = {row[0]: row for row in result.addresses}
+    with transaction.atomic():
+        before = set(DirectoryAddress.objects.filter(directory=directory).values_list("address", flat=True))
+        gone = before - set(found)
+        DirectoryAddress.objects.filter(directory=directory, address__in=gone).delete()
+        existing = {a.address: a for a in DirectoryAddress.objects.filter(directory=directory)}
+        new, changed = [], []
+        for address, primary, name, dn in found.values():
+            row = existing.get(address)
+            if row is None:
+                new.append(DirectoryAddress(directory=directory, address=address, primary=primary, name=name[:300],
+                                            dn=dn[:1000], synced_at=now))
+            else:
+                row.primary, row.name, row.dn, row.synced_at = primary, name[:300], dn[:1000], now
+                changed.append(row)
+        DirectoryAddress.objects.bulk_create(new, batch_size=1000)
+        DirectoryAddress.objects.bulk_update(changed, ["primary", "name", "dn", "synced_at"], batch_size=1000)
+        result.added, result.removed = len(new), len(gone)
+        if disable_missing:
+            User = get_user_model()
+            primaries = {row[1] for row in result.addresses}
+            for account in User.objects.filter(mail_profile__directory=directory, is_active=True):
+                if account.get_username().lower() not in primaries:
+                    account.is_active = False
+                    account.save(update_fields=["is_active"])
+                    result.disabled.append(account.get_username())
+    result.seconds = round(time.monotonic() - started, 3)
+    record_audit("directory_sync", user=user, target=f"directory {directory.name}", entries=result.entries,
+                 addresses=len(result.addresses), added=result.added, removed=result.removed,
+                 disabled=result.disabled)
+    log.info("directory %s: %s entries, %s addresses (%s new, %s gone), %s accounts disabled, %.1f s",
+             directory.name, result.entries, len(result.addresses), result.added, result.removed,
+             len(result.disabled), result.seconds)
+    return result
+
+
+@dataclass
+class CheckLine:
+    ok: bool
+    what: str
+
+
+def check(directory: Directory, *, login: str = "", password: str = "", address: str = "") -> list[CheckLine]:
+    """Test a configuration step by step, in words: the connection (TLS, the certificate, the service account),
+    what a login finds (its entry, addresses and role) or, with a password, whether it would log in (IMAP), and
+    what the recipient check answers for an address. Nothing is written."""
+    lines: list[CheckLine] = []
+    if directory.kind == Directory.Kind.IMAP:
+        if login and password:
+            try:
+                ok = imap.login(directory, login.strip().lower(), password)
+            except imap.Unreachable as exc:
+                return [CheckLine(False, f"cannot reach {directory.uri}: {exc}")]
+            lines.append(CheckLine(True, f"connected to {directory.uri} over TLS, the certificate verified"))
+            lines.append(CheckLine(ok, f"{login}: " + ("the server takes this password" if ok
+                                                       else "the server refuses this password")))
+        else:
+            lines.append(CheckLine(False, "an IMAP server is tested with a login and its password"))
+        return lines
+    try:
+        conn = directory_ldap.connect(directory)
+        conn.unbind_s()
+    except directory_ldap.Unreachable as exc:
+        return [CheckLine(False, f"cannot reach {directory.uri} or bind as "
+                                 f"{directory.bind_dn or 'anonymous'}: {exc}")]
+    how = "StartTLS" if directory_ldap.uses_start_tls(directory) else "LDAPS"
+    lines.append(CheckLine(True, f"connected to {directory.uri} ({how}, the certificate verified) and bound as "
+                                 f"{directory.bind_dn or 'anonymous'}"))
+    if login:
+        try:
+            person = directory_ldap.lookup_person(directory, login)
+        except directory_ldap.Unreachable as exc:
+            lines.append(CheckLine(False, f"{login}: the search failed: {exc}"))
+            person = None
+        else:
+            if person is None:
+                lines.append(CheckLine(False, f"{login}: no entry matches {directory.user_filter}"))
+        if person is not None:
+            allowed = granted_domains(directory)
+            own = [a for a in person.addresses if address_domain(a) in allowed]
+            other = [a for a in person.addresses if a not in own]
+            lines.append(CheckLine(True, f"{login}: {person.dn}"))
+            lines.append(CheckLine(bool(own), "addresses: " + (", ".join(own) or "none in the domains this "
+                                                                               "directory speaks for")
+                                   + (f" (not ours, left out: {', '.join(other)})" if other else "")))
+            if person.admin and directory.domain_id is None:
+                role = Role.ADMIN.label
+            elif person.admin or person.domain_admin:
+                role = f"{Role.DOMAIN_ADMIN.label} of " + ", ".join(sorted({address_domain(a) for a in own}))
+            else:
+                role = Role.USER.label
+            lines.append(CheckLine(True, f"role: {role}"))
+    if address:
+        try:
+            conn = directory_ldap.connect(directory)
+            try:
+                dn = directory_ldap.find_address(conn, directory, address.strip().lower())
+            finally:
+                conn.unbind_s()
+        except directory_ldap.Unreachable as exc:
+            lines.append(CheckLine(False, f"<{address}>: the search failed: {exc}"))
+        else:
+            lines.append(CheckLine(dn is not None, f"<{address}>: " + (f"found, {dn}" if dn else
+                                                                       "not found: the recipient check answers "
+                                                                       "550 5.1.1")))
+    return lines
