@@ -98,7 +98,9 @@ def _page(request: HttpRequest, *, status: int = 200, new_key: str | None = None
     profile = getattr(user, "mail_profile", None)
     return render(request, "console/account.html", {
         "role": role_of(user), "addresses": addresses_of(user), "domains": domains_of(user),
-        "aliases": profile.addresses if profile else "", "edit_addresses": settings.ACCOUNT_EDIT_ADDRESSES,
+        "aliases": profile.addresses if profile else "",
+        "directory": profile.directory if profile else None,
+        "edit_addresses": settings.ACCOUNT_EDIT_ADDRESSES and not (profile and profile.directory_id),
         "password_form": forms_.get("password_form") or PasswordChangeForm(user),
         "digest_form": forms_.get("digest_form") or DigestForm(user=user),
         "list_form": forms_.get("list_form") or ListEntryForm(),
@@ -110,6 +112,12 @@ def _page(request: HttpRequest, *, status: int = 200, new_key: str | None = None
     }, status=status)
 
 
+def _directory_of(user):
+    """The directory an account logs in with (its password and addresses are the directory's), or None."""
+    profile = getattr(user, "mail_profile", None)
+    return profile.directory if profile is not None else None
+
+
 @login_required
 def account(request: HttpRequest) -> HttpResponse:
     return _page(request)
@@ -118,6 +126,9 @@ def account(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def password(request: HttpRequest) -> HttpResponse:
+    if _directory_of(request.user) is not None:
+        return HttpResponse("Your password is your directory's: change it there.", status=403,
+                            content_type="text/plain")
     form = PasswordChangeForm(request.user, request.POST)
     if not form.is_valid():
         return _page(request, status=400, password_form=form)
@@ -145,8 +156,9 @@ def digests(request: HttpRequest) -> HttpResponse:
 @require_POST
 def addresses(request: HttpRequest) -> HttpResponse:
     profile = getattr(request.user, "mail_profile", None)
-    if not settings.ACCOUNT_EDIT_ADDRESSES or profile is None:
-        return HttpResponse("Your addresses are set by an administrator.", status=403, content_type="text/plain")
+    if not settings.ACCOUNT_EDIT_ADDRESSES or profile is None or profile.directory_id:
+        return HttpResponse("Your addresses are set by an administrator, or by your directory.", status=403,
+                            content_type="text/plain")
     form = AddressesForm(request.POST, user=request.user)
     if not form.is_valid():
         return _page(request, status=400, addresses_form=form)

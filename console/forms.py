@@ -103,6 +103,18 @@ class UserForm(forms.Form):
             self.fields["email"].help_text = f"An address in one of your domains ({mine})"
         self.fields["password1"].help_text = (self.fields["password1"].help_text + " "
                                               + password_validation.password_validators_help_text_html()).strip()
+        profile = getattr(instance, "mail_profile", None) if instance is not None else None
+        self.directory = profile.directory if profile is not None else None
+        if self.directory is not None:
+            # The directory says who this is at each login: what is edited here would be undone by the next one,
+            # and a password of ours would open a second door beside the directory's.
+            for name in ("username", "email", "first_name", "last_name", "role", "domains", "addresses"):
+                if name in self.fields:
+                    self.fields[name].disabled = True
+            del self.fields["password1"], self.fields["password2"]
+            self.fields["is_active"].help_text = (f"Logs in with the directory {self.directory.name}, which sets "
+                                                  "everything else here at each login. An inactive login cannot "
+                                                  "sign in, whatever the directory says.")
 
     def clean_username(self) -> str:
         username = self.cleaned_data["username"].strip()
@@ -176,7 +188,7 @@ class UserForm(forms.Form):
         role = data.get("role", Role.USER)
         # An administrator is an administrator of the Django admin too (where the mail flow is also edited).
         user.is_staff = user.is_superuser = role == Role.ADMIN
-        if data.get("password1"):
+        if data.get("password1") and self.directory is None:
             user.set_password(data["password1"])
             changed.append("password")
         user.save()

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import directories, views
 
 app_name = "manage"
 urlpatterns = [
@@ -15,6 +15,12 @@ urlpatterns = [
     path("routes/", views.routes, name="routes"),
     path("routes/<int:route_id>/", views.route_edit, name="route_edit"),
     path("routes/<int:route_id>/delete", views.route_delete, name="route_delete"),
+    path("directories/", directories.directories, name="directories"),
+    path("directories/new", directories.directory_new, name="directory_new"),
+    path("directories/<int:directory_id>/", directories.directory_edit, name="directory_edit"),
+    path("directories/<int:directory_id>/test", directories.directory_check, name="directory_check"),
+    path("directories/<int:directory_id>/sync", directories.directory_sync, name="directory_sync"),
+    path("directories/<int:directory_id>/delete", directories.directory_delete, name="directory_delete"),
     path("settings/", views.mail_settings, name="settings"),
     path("networks/", views.trusted_networks, name="trusted_networks"),
     path("networks/<int:network_id>/delete", views.trusted_network_delete, name="trusted_network_delete"),

@@ -55,7 +55,7 @@ def imaps_url() -> str:
     return os.getenv("IMAPS_URL") or "imaps://127.0.0.1:1993"
 
 
-def test_ca() -> str:
+def ca_pem() -> str:
     """The test CA's certificate (PEM text) that slapd's and Dovecot's certificates chain to."""
     path = Path(os.getenv("MAILGATE_TEST_CA") or "/var/lib/mailgate-test/tls/ca.pem")
     if not path.is_file():
@@ -93,7 +93,7 @@ def route_and_domain(name: str, **domain) -> Domain:
 
 def make_ldap_directory(domain: Domain | None, *, uri: str | None = None, **fields) -> Directory:
     values = {"name": f"ldap {domain.name if domain else 'everywhere'}", "kind": Directory.Kind.LDAP,
-              "domain": domain, "uri": uri or ldap_url(), "ca_certificate": test_ca(), "bind_dn": SERVICE_DN,
+              "domain": domain, "uri": uri or ldap_url(), "ca_certificate": ca_pem(), "bind_dn": SERVICE_DN,
               "bind_password": SERVICE_PASSWORD, "user_base": PEOPLE, "group_base": f"ou=groups,{BASE}",
               "admin_group": ADMINS, "domain_admin_group": DOMAIN_ADMINS, "timeout": 3}
     values.update(fields)
@@ -105,7 +105,7 @@ def make_ldap_directory(domain: Domain | None, *, uri: str | None = None, **fiel
 
 def make_imap_directory(domain: Domain, *, uri: str | None = None, **fields) -> Directory:
     values = {"name": f"imap {domain.name}", "kind": Directory.Kind.IMAP, "domain": domain,
-              "uri": uri or imaps_url(), "ca_certificate": test_ca(), "timeout": 10}
+              "uri": uri or imaps_url(), "ca_certificate": ca_pem(), "timeout": 10}
     values.update(fields)
     directory = Directory(**values)
     directory.full_clean()
