@@ -17,8 +17,8 @@
 # docs/operations.md explains the choices.
 #
 # Settings (environment): MAILGATE_STATE_DIR (default /var/lib/mailgate-test), MAILGATE_RUN_DIR
-# (default /run/mailgate-clamd), SPAMD_PORT (7830), CLAMD_PORT (3310), MAILGATE_CORPUS (../shared/corpus
-# beside the repository).
+# (default /run/mailgate-clamd), SPAMD_PORT (7830), CLAMD_PORT (3310), LDAP_PORT (3890), LDAPS_PORT (6360),
+# IMAP_PORT (1143), IMAPS_PORT (1993), MAILGATE_CORPUS (../shared/corpus beside the repository).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

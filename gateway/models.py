@@ -912,7 +912,7 @@ class Directory(models.Model):
     domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.CASCADE, related_name="directories",
                                help_text="The domain whose people it holds. Empty (LDAP only): every domain.")
     active = models.BooleanField(default=True)
-    position = models.PositiveSmallIntegerField(default=0, help_text="Directories are asked in this order")
+    position = models.PositiveSmallIntegerField("order", default=0, help_text="Directories are asked in this order")
     uri = models.CharField(
         max_length=500, validators=[validate_directory_uri],
         help_text="ldap://host (StartTLS), ldaps://host, imap://host (STARTTLS) or imaps://host, with :port if "
@@ -949,10 +949,12 @@ class Directory(models.Model):
         default="(|(mail=%(address)s)(mailAlternateAddress=%(address)s)(proxyAddresses=smtp:%(address)s))",
         help_text="The recipient check's search; %(address)s is the recipient address")
     # The recipient check: how long answers are kept, and what a directory that cannot be asked means.
-    positive_minutes = models.PositiveIntegerField(default=60, help_text="How long an address found is remembered")
+    positive_minutes = models.PositiveIntegerField("positive minutes", default=60,
+                                                   help_text="How long an address found is remembered")
     negative_minutes = models.PositiveIntegerField(default=10,
                                                    help_text="How long an address not found is remembered")
-    unreachable = models.CharField(max_length=10, choices=Unreachable.choices, default=Unreachable.TEMPFAIL,
+    unreachable = models.CharField("when it cannot be reached", max_length=10, choices=Unreachable.choices,
+                                   default=Unreachable.TEMPFAIL,
                                    help_text="The recipient check when the directory cannot be asked")
     created_at = models.DateTimeField(auto_now_add=True)
 
