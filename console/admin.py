@@ -17,6 +17,9 @@ from django.http import HttpRequest
 from gateway.mailauth.dkim import zone_file_entry
 from gateway.models import (
     AuditEvent,
+    Directory,
+    DirectoryAddress,
+    DirectoryLookup,
     DKIMKey,
     DNSBLZone,
     Domain,
@@ -373,6 +376,48 @@ class RecipientVerificationAdmin(admin.ModelAdmin):
     list_display = ("address", "exists", "reply", "checked_at", "expires_at")
     search_fields = ("address",)
     readonly_fields = [f.name for f in RecipientVerification._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+
+@admin.register(Directory)
+class DirectoryAdmin(AuditedAdmin):
+    """The directories (edited best on /manage/directories/, which tests them): the bind password is never
+    shown; left empty, the saved one stays."""
+
+    list_display = ("name", "kind", "domain", "uri", "active", "position")
+    list_filter = ("kind", "active")
+    search_fields = ("name", "uri")
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        from django import forms
+
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.base_fields["bind_password"].widget = forms.PasswordInput(render_value=False)
+        form.base_fields["bind_password"].required = False
+        return form
+
+    def save_model(self, request, obj, form, change):
+        if change and not form.cleaned_data.get("bind_password"):
+            obj.bind_password = Directory.objects.get(pk=obj.pk).bind_password
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(DirectoryAddress)
+class DirectoryAddressAdmin(ReadOnlyAdmin):
+    list_display = ("address", "primary", "name", "directory", "synced_at")
+    list_filter = ("directory",)
+    search_fields = ("address", "primary", "name")
+
+
+@admin.register(DirectoryLookup)
+class DirectoryLookupAdmin(admin.ModelAdmin):
+    """The recipient check's cached answers: looked at, and deleted to forget one."""
+
+    list_display = ("address", "exists", "directory", "dn", "checked_at", "expires_at")
+    search_fields = ("address",)
+    readonly_fields = [f.name for f in DirectoryLookup._meta.fields]
 
     def has_add_permission(self, request) -> bool:
         return False
