@@ -22,15 +22,16 @@ from gateway.db import statements
 from gateway.models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict
 from gateway.policy.lists import lists_are_empty
 
-from .verdict import Groups, ScanOutcome, verdict_for_all, verdicts_after_lists, worst
+from . import spampolicy
+from .verdict import Groups, Key, ScanOutcome, verdict_for_all, verdicts_per_recipient, worst
 
 log = logging.getLogger(__name__)
 
 
-def _outcome_to_message(message: Message, outcome: ScanOutcome, groups: Iterable[tuple[str, str, str]],
+def _outcome_to_message(message: Message, outcome: ScanOutcome, groups: Iterable[Key],
                         config: MailFlowSettings, now) -> None:
-    """Set the message's scan fields from its recipients' (verdict, action, status) groups."""
-    verdicts, actions, statuses = (set(column) for column in zip(*groups, strict=True)) if groups else (set(),) * 3
+    """Set the message's scan fields from its recipients' (verdict, action, status, policy) groups."""
+    verdicts, actions, statuses, _ = (set(column) for column in zip(*groups, strict=True)) if groups else (set(),) * 4
     message.verdict = outcome.verdict if outcome.verdict != Verdict.CLEAN else worst(verdicts)
     message.action = next((a for a in (Action.QUARANTINE, Action.DELETE, Action.TAG, Action.DELIVER) if a in actions),
                           config.action_for(message.verdict))
@@ -69,12 +70,13 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     same order as every other writer of both, and nothing is written when the claim is lost.
     """
     now = timezone.now()
-    if lists_are_empty():
-        # No allow/block entry exists, so every pending recipient gets the scan's own verdict: one UPDATE
-        # for all of them, without reading them (the path of nearly every message).
+    if lists_are_empty() and not spampolicy.any_policy():
+        # No allow/block entry and no domain or user spam policy exists, so every pending recipient gets the
+        # scan's own verdict: one UPDATE for all of them, without reading them (the path of nearly every
+        # message).
         groups: Groups = {verdict_for_all(outcome, config): None}
     else:
-        groups = verdicts_after_lists(message, outcome, config)
+        groups = verdicts_per_recipient(message, outcome, config)
     _outcome_to_message(message, outcome, groups, config, now)
     if len(groups) == 1 and message.state != Message.State.DELETED and statements.joined():
         result = _in_one_statement(message, outcome, config, groups, now)
@@ -95,12 +97,20 @@ def _log_verdict(message: Message) -> None:
 def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
                  pending: list[Recipient] | None) -> HeldVerdict | None:
     """The verdict held back for the delivery that follows, when the path allows it (see HeldVerdict):
-    PostgreSQL, no allow/block entry (one verdict for every pending recipient), an action that delivers,
-    recipients pending, and a scan claim far from stale. None: apply_verdict() writes it now."""
+    PostgreSQL, no allow/block entry, one verdict for every pending recipient (the same spam policy's, or
+    policies that agree), an action that delivers, recipients pending, and a scan claim far from stale.
+    None: apply_verdict() writes it now."""
     if not pending or not statements.joined() or not lists_are_empty():
         return None
     now = timezone.now()
-    key = verdict_for_all(outcome, config)
+    if spampolicy.any_policy():
+        # The recipients' policies are in memory (no list entry to read): held only when they agree.
+        groups = verdicts_per_recipient(message, outcome, config, pending)
+        if len(groups) != 1:
+            return None
+        (key,) = groups
+    else:
+        key = verdict_for_all(outcome, config)
     if key[2] != Recipient.Status.PENDING:
         return None
     held = HeldVerdict(message, outcome, config, key, now, pending)
@@ -131,7 +141,7 @@ class HeldVerdict:
     message: Message
     outcome: ScanOutcome
     config: MailFlowSettings
-    key: tuple[str, str, str]
+    key: Key
     now: datetime.datetime
     recipients: list[Recipient]
     tried: bool = False  # write() was called before
@@ -160,7 +170,7 @@ class HeldVerdict:
         message = self.message
         fields = {**_verdict_fields(message), "state": Message.State.DELIVERED, "completed_at": completed_at}
         count = statements.write_verdict_delivered(message.pk, message.claimed_at, fields, self.key[0], self.key[1],
-                                                   values, ids)
+                                                   self.key[3], values, ids)
         if not count and not statements.verdict_written(message.pk, Message.State.DELIVERED, self.now):
             return None
         message.state, message.completed_at = Message.State.DELIVERED, completed_at
@@ -168,12 +178,12 @@ class HeldVerdict:
         return count
 
 
-def _recipient_values(verdict: str, action: str, status: str, now) -> dict:
+def _recipient_values(verdict: str, action: str, status: str, policy: str, now) -> dict:
     """A group's verdict; the recipients to deliver are claimed for the caller in the same write."""
     if status == Recipient.Status.PENDING:
-        return {"verdict": verdict, "action": action, "status": Recipient.Status.DELIVERING, "claimed_at": now,
-                "next_attempt_at": now}
-    return {"verdict": verdict, "action": action, "status": status, "next_attempt_at": None}
+        return {"verdict": verdict, "action": action, "policy": policy, "status": Recipient.Status.DELIVERING,
+                "claimed_at": now, "next_attempt_at": now}
+    return {"verdict": verdict, "action": action, "policy": policy, "status": status, "next_attempt_at": None}
 
 
 def _verdict_fields(message: Message) -> dict:
