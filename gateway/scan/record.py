@@ -23,7 +23,7 @@ from gateway.models import Action, MailFlowSettings, Message, RawMessage, Recipi
 from gateway.policy.lists import lists_are_empty
 
 from . import spampolicy
-from .verdict import Groups, Key, ScanOutcome, verdict_for_all, verdicts_per_recipient, worst
+from .verdict import Decided, Groups, Key, ScanOutcome, verdict_for_all, verdicts_per_recipient, worst
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +75,35 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
         # scan's own verdict: one UPDATE for all of them, without reading them (the path of nearly every
         # message).
         groups: Groups = {verdict_for_all(outcome, config): None}
+        decided: list[Decided] = []
     else:
-        groups = verdicts_per_recipient(message, outcome, config)
+        decided = []
+        groups = verdicts_per_recipient(message, outcome, config, decided=decided)
     _outcome_to_message(message, outcome, groups, config, now)
     if len(groups) == 1 and message.state != Message.State.DELETED and statements.joined():
         result = _in_one_statement(message, outcome, config, groups, now)
     else:
         result = _in_a_transaction(message, outcome, config, groups, now)
     if result is not None:
-        _log_verdict(message)
+        _log_verdict(message, decided)
     return result
 
 
-def _log_verdict(message: Message) -> None:
+def _log_verdict(message: Message, decided: list[Decided]) -> None:
+    """The scan's line of the log; with the policy that decided when it is not the global one, and a line
+    for each recipient when their policies differ (`decided`: each recipient's outcome, empty when every
+    recipient had the global policy's)."""
+    policies = {policy for _, _, _, policy in decided}
+    policy = next(iter(policies)) if len(policies) == 1 else ""
     log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
              message.action, message.spam_score, ",".join(message.virus_names) or "-")
     maillog.scanned(message.queue_id, verdict=message.verdict, action=message.action, score=message.spam_score,
-                    viruses=message.virus_names or ())
+                    viruses=message.virus_names or (),
+                    policy="" if policy.startswith("global ") else policy or "per recipient")
+    if len(policies) > 1:
+        for address, verdict, action, each in decided:
+            maillog.recipient_verdict(message.queue_id, recipient=address, verdict=verdict, action=action,
+                                      policy=each)
 
 
 def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
@@ -160,7 +172,7 @@ class HeldVerdict:
         self.tried = True
         result = _in_one_statement(self.message, self.outcome, self.config, {self.key: None}, self.now)
         if result is not None:
-            _log_verdict(self.message)
+            _log_verdict(self.message, self._decided())
         return result
 
     def write_delivered(self, values: dict, ids: list[int], completed_at: datetime.datetime) -> int | None:
@@ -174,8 +186,12 @@ class HeldVerdict:
         if not count and not statements.verdict_written(message.pk, Message.State.DELIVERED, self.now):
             return None
         message.state, message.completed_at = Message.State.DELIVERED, completed_at
-        _log_verdict(message)
+        _log_verdict(message, self._decided())
         return count
+
+    def _decided(self) -> list[Decided]:
+        verdict, action, _, policy = self.key
+        return [(recipient.address, verdict, action, policy) for recipient in self.recipients]
 
 
 def _recipient_values(verdict: str, action: str, status: str, policy: str, now) -> dict:

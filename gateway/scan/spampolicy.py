@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 from django.contrib.auth import get_user_model
 
 from gateway.access import address_domain
-from gateway.models import (Action, Domain, DomainSpamPolicy, MailFlowSettings, UserProfile, UserSpamPolicy,
-                            Verdict)
+from gateway.models import Action, Domain, DomainSpamPolicy, MailFlowSettings, UserProfile, UserSpamPolicy, Verdict
 from gateway.snapshot import Snapshot
 
 # The verdicts a spam policy decides. The others (a virus, a blocked attachment, an unscannable message, a

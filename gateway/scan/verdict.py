@@ -198,6 +198,8 @@ def worst(verdicts) -> str:
 # (None: every pending recipient of the message).
 Key = tuple[str, str, str, str]
 Groups = dict[Key, list[int] | None]
+# One recipient's (address, verdict, action, policy), for the log.
+Decided = tuple[str, str, str, str]
 
 
 def verdict_for_all(outcome: ScanOutcome, config: MailFlowSettings) -> Key:
@@ -209,10 +211,11 @@ def verdict_for_all(outcome: ScanOutcome, config: MailFlowSettings) -> Key:
 
 
 def verdicts_per_recipient(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
-                           recipients: Iterable[Recipient] | None = None) -> Groups:
+                           recipients: Iterable[Recipient] | None = None,
+                           decided: list[Decided] | None = None) -> Groups:
     """Allow/block entries or spam policies exist: each pending recipient's verdict under its own policy
     (gateway.scan.spampolicy) and then the lists, grouped. `recipients`: the pending ones when already in
-    hand.
+    hand; `decided`, when given, gets each recipient's outcome for the log.
 
     The message's own spam verdict becomes the worst its recipients' policies give (before the lists, as a
     list entry never changes the message's verdict), so that a message clean for its only recipient's
@@ -227,6 +230,8 @@ def verdicts_per_recipient(message: Message, outcome: ScanOutcome, config: MailF
         verdict, why = recipient_verdict(message, recipient, judged[-1])
         action = policy.action_for(verdict, config)
         groups.setdefault((verdict, action, RECIPIENT_STATUS[action], policy.label), []).append(recipient.pk)
+        if decided is not None:
+            decided.append((recipient.address, verdict, action, policy.label))
         if why:
             outcome.notes.append(f"{recipient.address}: {why}")
     if judged and outcome.verdict not in CONTENT_VERDICTS:

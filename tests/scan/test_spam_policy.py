@@ -5,8 +5,17 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from gateway.models import (Action, Domain, DomainSpamPolicy, MailFlowSettings, Message, Recipient, Route,
-                            UserSpamPolicy, Verdict)
+from gateway.models import (
+    Action,
+    Domain,
+    DomainSpamPolicy,
+    MailFlowSettings,
+    Message,
+    Recipient,
+    Route,
+    UserSpamPolicy,
+    Verdict,
+)
 from gateway.scan import run as scan_run
 from gateway.scan import spampolicy
 from gateway.scan import verdict as scan_verdict
