@@ -148,7 +148,7 @@ def recipients_of(msg: Message) -> dict[str, Recipient]:
 
 
 def test_one_message_is_delivered_to_one_recipient_and_quarantined_for_the_other(scored, protected_domain,
-                                                                                 capture_server):
+                                                                                 capture_server, mail_log):
     DomainSpamPolicy.objects.create(domain=protected_domain, action_spam=Action.QUARANTINE, users_may_choose=True)
     alice = make_user("alice", email="alice@example.org")
     UserSpamPolicy.objects.create(user=alice, spam_threshold=10.0)
@@ -168,9 +168,17 @@ def test_one_message_is_delivered_to_one_recipient_and_quarantined_for_the_other
     assert (msg.verdict, msg.state, msg.quarantined) == (Verdict.SPAM, Message.State.QUARANTINED, True)
     (delivered,) = capture_server.wait_for(1)
     assert delivered.recipients == ["alice@example.org"]
+    # The log says which policy decided, for each recipient since theirs differ.
+    lines = [line for line in mail_log.read_text().splitlines() if f"{msg.queue_id}: " in line and "/scan[" in line]
+    assert any(line.endswith("verdict=spam, action=quarantine, score=8.0, policy=per recipient") for line in lines)
+    assert any(line.endswith("to=<alice@example.org>, verdict=clean, action=deliver, "
+                             "policy=user alice@example.org (spam 10, high spam 15)") for line in lines), lines
+    assert any(line.endswith("to=<carol@example.org>, verdict=spam, action=quarantine, "
+                             "policy=domain example.org (spam 5, high spam 15)") for line in lines), lines
 
 
-def test_the_message_is_clean_when_every_recipients_policy_says_so(scored, protected_domain, capture_server):
+def test_the_message_is_clean_when_every_recipients_policy_says_so(scored, protected_domain, capture_server,
+                                                                   mail_log):
     DomainSpamPolicy.objects.create(domain=protected_domain, spam_threshold=20.0, high_spam_threshold=40.0)
     msg = scored(16.0)  # high spam by the global thresholds
     assert scan_run.run_scan(msg.pk) == Verdict.CLEAN
@@ -178,6 +186,8 @@ def test_the_message_is_clean_when_every_recipients_policy_says_so(scored, prote
     assert (msg.verdict, msg.state) == (Verdict.CLEAN, Message.State.DELIVERED)
     assert {r.policy for r in recipients_of(msg).values()} == {"domain example.org (spam 20, high spam 40)"}
     assert capture_server.wait_for(1)[0].recipients == ["alice@example.org", "carol@example.org"]
+    (line,) = [line for line in mail_log.read_text().splitlines() if f"{msg.queue_id}: verdict=" in line]
+    assert line.endswith("verdict=clean, action=deliver, score=16.0, policy=domain example.org (spam 20, high spam 40)")
 
 
 def test_opting_out_of_the_quarantine_delivers_spam_tagged(scored, protected_domain, capture_server):
