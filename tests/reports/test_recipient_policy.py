@@ -1,4 +1,5 @@
-"""The message page shows, for each recipient, the verdict, the action and the spam policy that decided."""
+"""The message page shows, for each recipient, the verdict, the action and the spam policy that decided; "Where
+is my mail?" names the policy that held one's copy."""
 
 from __future__ import annotations
 
@@ -20,3 +21,6 @@ def test_each_recipient_shows_the_policy_that_decided(client, personas):
     assert "Clean · deliver" in alice_row and "policy: user alice@example.com (spam 10, high spam 15)" in alice_row
     bob_row = page[page.index("bob@example.com</td>"):]
     assert "Spam · quarantine" in bob_row and "policy: domain example.com (spam 5, high spam 15)" in bob_row
+    # Bob asks where his copy is: held, by his domain's limit, not the global one.
+    answer = logged_in(client, personas.bob).get(f"/where/{message.queue_id}/").content.decode()
+    assert "it scored 8.0 as spam (the policy domain example.com (spam 5, high spam 15))" in answer
