@@ -502,6 +502,8 @@ class Recipient(models.Model):
     # The spam policy that gave this recipient its verdict and action, with the thresholds it used: "global
     # (spam 5, high spam 15)", "domain example.org (...)", "user alice@example.org (...)".
     policy = models.CharField(max_length=400, blank=True)
+    # That policy's spam threshold: the "required" of the X-Spam-Status this recipient's copy carries.
+    spam_threshold = models.FloatField(null=True, blank=True)
     released = models.BooleanField(default=False)
     reply_code = models.PositiveSmallIntegerField(null=True, blank=True)
     reply_text = models.TextField(blank=True, help_text="The downstream server's last reply")

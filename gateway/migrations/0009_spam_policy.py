@@ -19,6 +19,11 @@ class Migration(migrations.Migration):
             name='policy',
             field=models.CharField(blank=True, max_length=400),
         ),
+        migrations.AddField(
+            model_name='recipient',
+            name='spam_threshold',
+            field=models.FloatField(blank=True, null=True),
+        ),
         migrations.CreateModel(
             name='DomainSpamPolicy',
             fields=[

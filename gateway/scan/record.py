@@ -181,8 +181,9 @@ class HeldVerdict:
         written)."""
         message = self.message
         fields = {**_verdict_fields(message), "state": Message.State.DELIVERED, "completed_at": completed_at}
-        count = statements.write_verdict_delivered(message.pk, message.claimed_at, fields, self.key[0], self.key[1],
-                                                   self.key[3], values, ids)
+        verdict, action, _, policy = self.key
+        count = statements.write_verdict_delivered(message.pk, message.claimed_at, fields, verdict, action,
+                                                   policy.label, policy.spam_threshold, values, ids)
         if not count and not statements.verdict_written(message.pk, Message.State.DELIVERED, self.now):
             return None
         message.state, message.completed_at = Message.State.DELIVERED, completed_at
@@ -191,15 +192,16 @@ class HeldVerdict:
 
     def _decided(self) -> list[Decided]:
         verdict, action, _, policy = self.key
-        return [(recipient.address, verdict, action, policy) for recipient in self.recipients]
+        return [(recipient.address, verdict, action, policy.label) for recipient in self.recipients]
 
 
-def _recipient_values(verdict: str, action: str, status: str, policy: str, now) -> dict:
-    """A group's verdict; the recipients to deliver are claimed for the caller in the same write."""
+def _recipient_values(verdict: str, action: str, status: str, policy: spampolicy.SpamPolicy, now) -> dict:
+    """A group's verdict and the policy that decided; the recipients to deliver are claimed for the caller in
+    the same write."""
+    decided = {"verdict": verdict, "action": action, "policy": policy.label, "spam_threshold": policy.spam_threshold}
     if status == Recipient.Status.PENDING:
-        return {"verdict": verdict, "action": action, "policy": policy, "status": Recipient.Status.DELIVERING,
-                "claimed_at": now, "next_attempt_at": now}
-    return {"verdict": verdict, "action": action, "policy": policy, "status": status, "next_attempt_at": None}
+        return {**decided, "status": Recipient.Status.DELIVERING, "claimed_at": now, "next_attempt_at": now}
+    return {**decided, "status": status, "next_attempt_at": None}
 
 
 def _verdict_fields(message: Message) -> dict:

@@ -194,9 +194,9 @@ def worst(verdicts) -> str:
     return next((v for v in VERDICT_RANK if v in present), Verdict.CLEAN)
 
 
-# A verdict for a group of recipients: (verdict, action, status, policy), and the ids of the recipients it is for
-# (None: every pending recipient of the message).
-Key = tuple[str, str, str, str]
+# A verdict for a group of recipients: (verdict, action, status, the spam policy that decided), and the ids of
+# the recipients it is for (None: every pending recipient of the message).
+Key = tuple[str, str, str, spampolicy.SpamPolicy]
 Groups = dict[Key, list[int] | None]
 # One recipient's (address, verdict, action, policy), for the log.
 Decided = tuple[str, str, str, str]
@@ -207,7 +207,7 @@ def verdict_for_all(outcome: ScanOutcome, config: MailFlowSettings) -> Key:
     policy tells them apart: the global policy's, whose thresholds gave the scan its verdict."""
     policy = spampolicy.global_policy(config)
     action = policy.action_for(outcome.verdict, config)
-    return outcome.verdict, action, RECIPIENT_STATUS[action], policy.label
+    return outcome.verdict, action, RECIPIENT_STATUS[action], policy
 
 
 def verdicts_per_recipient(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
@@ -229,7 +229,7 @@ def verdicts_per_recipient(message: Message, outcome: ScanOutcome, config: MailF
         judged.append(policy.verdict(outcome.verdict, outcome.spam_score))
         verdict, why = recipient_verdict(message, recipient, judged[-1])
         action = policy.action_for(verdict, config)
-        groups.setdefault((verdict, action, RECIPIENT_STATUS[action], policy.label), []).append(recipient.pk)
+        groups.setdefault((verdict, action, RECIPIENT_STATUS[action], policy), []).append(recipient.pk)
         if decided is not None:
             decided.append((recipient.address, verdict, action, policy.label))
         if why:

@@ -5,6 +5,8 @@ score deliver it to another untouched, a user who opted out of the quarantine ge
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gateway.models import Action, Domain, DomainSpamPolicy, Message, Recipient, UserSpamPolicy, Verdict
@@ -55,5 +57,7 @@ def test_one_message_is_delivered_to_one_recipient_and_quarantined_for_the_other
     assert set(captured) == {("bob@example.org",), ("dave@example.org",)}
     for_bob, for_dave = captured[("bob@example.org",)].data, captured[("dave@example.org",)].data
     assert b"X-Mailgate-Verdict: clean" in for_bob and b"Subject: [SPAM]" not in for_bob
+    assert re.search(rb"X-Spam-Status: No, score=\d+\.\d required=2000\.0 ", for_bob)  # bob's own threshold
     assert b"X-Mailgate-Verdict: high_spam" in for_dave and b"Subject: [SPAM] " in for_dave
+    assert re.search(rb"X-Spam-Status: Yes, score=\d+\.\d required=5\.0 ", for_dave)
     assert not any("carol@example.org" in m.recipients for m in capture_server.messages)

@@ -160,14 +160,15 @@ def test_one_message_is_delivered_to_one_recipient_and_quarantined_for_the_other
     alice_row, carol_row = by_address["alice@example.org"], by_address["carol@example.org"]
     assert (alice_row.verdict, alice_row.action, alice_row.status) == (Verdict.CLEAN, Action.DELIVER,
                                                                        Recipient.Status.DELIVERED)
-    assert alice_row.policy == "user alice@example.org (spam 10, high spam 15)"
+    assert (alice_row.policy, alice_row.spam_threshold) == ("user alice@example.org (spam 10, high spam 15)", 10.0)
     assert (carol_row.verdict, carol_row.action, carol_row.status) == (Verdict.SPAM, Action.QUARANTINE,
                                                                        Recipient.Status.QUARANTINED)
-    assert carol_row.policy == "domain example.org (spam 5, high spam 15)"
+    assert (carol_row.policy, carol_row.spam_threshold) == ("domain example.org (spam 5, high spam 15)", 5.0)
     # The message: its worst verdict, held since one recipient's copy is.
     assert (msg.verdict, msg.state, msg.quarantined) == (Verdict.SPAM, Message.State.QUARANTINED, True)
     (delivered,) = capture_server.wait_for(1)
     assert delivered.recipients == ["alice@example.org"]
+    assert b"X-Spam-Status: No, score=8.0 required=10.0 " in delivered.data  # her threshold, not the global one
     # The log says which policy decided, for each recipient since theirs differ.
     lines = [line for line in mail_log.read_text().splitlines() if f"{msg.queue_id}: " in line and "/scan[" in line]
     assert any(line.endswith("verdict=spam, action=quarantine, score=8.0, policy=per recipient") for line in lines)
