@@ -1,5 +1,7 @@
 """My account (/account/): one's password, how often one gets the quarantine report, one's addresses (read-only
-unless ACCOUNT_EDIT_ADDRESSES), one's own allow and block list, and one's API tokens (the key shown once).
+unless ACCOUNT_EDIT_ADDRESSES), one's own allow and block list, one's API tokens (the key shown once), and
+one's spam filter (/account/spam: one's own thresholds within the limits of one's domains, and whether spam
+is tagged instead of quarantined, as far as the domains' spam policies allow).
 
 Everything here is the login's own: another user's list entry or token is a 404.
 """
@@ -20,8 +22,18 @@ from django.urls import path
 from django.views.decorators.http import require_POST
 
 from digests.models import Frequency, Subscription
-from gateway.access import Role, addresses_of, domains_of, role_of
-from gateway.models import Domain, SenderListEntry, UserProfile, record_audit, validate_sender_pattern
+from gateway.access import Role, address_domain, addresses_of, domains_of, role_of
+from gateway.models import (
+    Domain,
+    DomainSpamPolicy,
+    MailFlowSettings,
+    SenderListEntry,
+    UserProfile,
+    UserSpamPolicy,
+    record_audit,
+    validate_sender_pattern,
+)
+from gateway.scan import spampolicy
 from reports.models import ApiToken
 
 from .http import client_ip
@@ -91,6 +103,66 @@ class AddressesForm(forms.Form):
                 raise ValidationError(f"{address}: another login's address")
             found.append(address)
         return "\n".join(dict.fromkeys(found))
+
+
+class SpamFilterForm(forms.ModelForm):
+    """A user's own spam policy, built from the spam policies of the domains of their addresses: the
+    thresholds only where a domain lets its users choose them, each within the limits of every such domain
+    (mail to an address is judged within its own domain's limits), and the opt-out of the quarantine only
+    where a domain allows it."""
+
+    error_css_class = "has-error"
+
+    class Meta:
+        model = UserSpamPolicy
+        fields = ["spam_threshold", "high_spam_threshold", "skip_quarantine"]
+        labels = {"skip_quarantine": "Deliver my spam tagged instead of quarantining it"}
+
+    def __init__(self, *args, user, **kwargs):
+        super().__init__(*args, instance=UserSpamPolicy.objects.filter(user=user).first() or UserSpamPolicy(user=user),
+                         **kwargs)
+        names = {address_domain(a) for a in addresses_of(user)}
+        self.domains = list(DomainSpamPolicy.objects.filter(domain__name__in=names).select_related("domain")
+                            .order_by("domain__name"))
+        self.choosing = [p for p in self.domains if p.users_may_choose]
+        if not self.choosing:
+            del self.fields["spam_threshold"], self.fields["high_spam_threshold"]
+        else:
+            limits = "; ".join(f"{p.domain.name}: {_range(p)}" for p in self.choosing)
+            for name in ("spam_threshold", "high_spam_threshold"):
+                self.fields[name].help_text += f". Allowed: {limits}"
+        if not any(p.users_may_skip_quarantine for p in self.domains):
+            del self.fields["skip_quarantine"]
+
+    @property
+    def offers_anything(self) -> bool:
+        return bool(self.fields)
+
+    def _within_limits(self, name: str) -> float | None:
+        value = self.cleaned_data.get(name)
+        if value is None:
+            return None
+        outside = [p for p in self.choosing if not p.within_limits(value)]
+        if outside:
+            raise ValidationError("; ".join(f"{p.domain.name} allows {_range(p)}" for p in outside))
+        return value
+
+    def clean_spam_threshold(self) -> float | None:
+        return self._within_limits("spam_threshold")
+
+    def clean_high_spam_threshold(self) -> float | None:
+        return self._within_limits("high_spam_threshold")
+
+
+def _range(policy: DomainSpamPolicy) -> str:
+    low, high = policy.user_min_threshold, policy.user_max_threshold
+    if low is None and high is None:
+        return "any threshold"
+    if low is None:
+        return f"up to {high:g}"
+    if high is None:
+        return f"from {low:g}"
+    return f"from {low:g} to {high:g}"
 
 
 def _page(request: HttpRequest, *, status: int = 200, new_key: str | None = None, **forms_) -> HttpResponse:
@@ -201,6 +273,29 @@ def list_delete(request: HttpRequest, entry_id: int) -> HttpResponse:
     return redirect("account")
 
 
+def _spam_page(request: HttpRequest, form: SpamFilterForm, status: int = 200) -> HttpResponse:
+    config = MailFlowSettings.cached()
+    policies = [(address, spampolicy.for_recipient(address, config)) for address in addresses_of(request.user)]
+    return render(request, "console/spam_filter.html", {"form": form, "policies": policies}, status=status)
+
+
+@login_required
+def spam_filter(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _spam_page(request, SpamFilterForm(user=request.user))
+    form = SpamFilterForm(request.POST, user=request.user)
+    if not form.offers_anything:
+        return HttpResponse("Your domains' spam policies leave you nothing to choose.", status=403,
+                            content_type="text/plain")
+    if not form.is_valid():
+        return _spam_page(request, form, status=400)
+    form.save()
+    record_audit("spam_filter_change", user=request.user, ip=client_ip(request), target=request.user.get_username(),
+                 **{name: value for name, value in form.cleaned_data.items()})
+    messages.success(request, "Your spam filter settings are saved.")
+    return redirect("account_spam")
+
+
 @login_required
 @require_POST
 def token_new(request: HttpRequest) -> HttpResponse:
@@ -230,6 +325,7 @@ urlpatterns = [
     path("addresses", addresses, name="account_addresses"),
     path("lists/add", list_add, name="account_list_add"),
     path("lists/<int:entry_id>/delete", list_delete, name="account_list_delete"),
+    path("spam", spam_filter, name="account_spam"),
     path("tokens/new", token_new, name="account_token_new"),
     path("tokens/<int:token_id>/revoke", token_revoke, name="account_token_revoke"),
 ]

@@ -23,6 +23,7 @@ from gateway.models import (
     DKIMKey,
     DNSBLZone,
     Domain,
+    DomainSpamPolicy,
     GreylistEntry,
     MailFlowSettings,
     Message,
@@ -36,6 +37,7 @@ from gateway.models import (
     SMTPPolicy,
     TrustedNetwork,
     UserProfile,
+    UserSpamPolicy,
     ValidRecipient,
     record_audit,
 )
@@ -118,6 +120,22 @@ class DomainAdmin(AuditedAdmin):
     inlines = [ValidRecipientInline]
 
 
+@admin.register(DomainSpamPolicy)
+class DomainSpamPolicyAdmin(AuditedAdmin):
+    list_display = ("domain", "spam_threshold", "high_spam_threshold", "action_spam", "action_high_spam",
+                    "users_may_choose", "users_may_skip_quarantine")
+    search_fields = ("domain__name",)
+    list_select_related = ("domain",)
+
+
+@admin.register(UserSpamPolicy)
+class UserSpamPolicyAdmin(AuditedAdmin):
+    list_display = ("user", "spam_threshold", "high_spam_threshold", "skip_quarantine")
+    search_fields = ("user__username", "user__email")
+    list_select_related = ("user",)
+    raw_id_fields = ("user",)
+
+
 @admin.register(ValidRecipient)
 class ValidRecipientAdmin(AuditedAdmin):
     list_display = ("address", "domain")
@@ -178,7 +196,8 @@ class MessageAdmin(ReadOnlyAdmin):
 
 @admin.register(Recipient)
 class RecipientAdmin(ReadOnlyAdmin):
-    list_display = ("address", "message", "status", "verdict", "action", "released", "reply_code", "delivered_at")
+    list_display = ("address", "message", "status", "verdict", "action", "policy", "released", "reply_code",
+                    "delivered_at")
     list_filter = ("status", "verdict", "released")
     search_fields = ("address", "=message__queue_id")
     list_select_related = ("message",)

@@ -1,4 +1,5 @@
-"""Forms of the administration pages: users, domains, routes, the mail-flow settings, trusted networks.
+"""Forms of the administration pages: users, domains, routes, the mail-flow settings, trusted networks, the
+domains' spam policies.
 
 Every form explains what is wrong in words a mail administrator uses, and every form that a domain
 administrator may fill in is built for that person: the choices it offers are the ones they may make.
@@ -15,7 +16,9 @@ from django.core.validators import validate_email
 
 from gateway.access import Role, address_domain, domains_of, role_of, role_of_account
 from gateway.models import (
+    Action,
     Domain,
+    DomainSpamPolicy,
     MailFlowSettings,
     Route,
     TrustedNetwork,
@@ -368,6 +371,35 @@ class MailFlowSettingsForm(forms.ModelForm):
         if spaced:
             raise ValidationError(f"One pattern per line, without spaces: {', '.join(spaced)}")
         return "\n".join(patterns)
+
+
+class DomainSpamPolicyForm(forms.ModelForm):
+    """A domain's spam policy: its thresholds and actions (empty: the mail-flow settings' own, named in the
+    choices and help texts), and the limits of what its users may choose."""
+
+    error_css_class = "has-error"
+
+    class Meta:
+        model = DomainSpamPolicy
+        fields = ["spam_threshold", "high_spam_threshold", "action_spam", "action_high_spam", "users_may_choose",
+                  "user_min_threshold", "user_max_threshold", "users_may_skip_quarantine"]
+        labels = {"action_spam": "Action for spam", "action_high_spam": "Action for high spam",
+                  "users_may_choose": "Users may choose their own thresholds",
+                  "user_min_threshold": "Lowest threshold a user may choose",
+                  "user_max_threshold": "Highest threshold a user may choose",
+                  "users_may_skip_quarantine": "Users may opt out of the quarantine for spam (tagged instead)"}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = MailFlowSettings.cached()
+        actions = dict(Action.choices)
+        for name, current in (("action_spam", config.action_spam), ("action_high_spam", config.action_high_spam)):
+            self.fields[name].choices = [("", f"As the mail-flow settings say ({actions[current].lower()})"),
+                                         *Action.choices]
+            self.fields[name].help_text = ""
+        for name, current in (("spam_threshold", config.spam_threshold),
+                              ("high_spam_threshold", config.high_spam_threshold)):
+            self.fields[name].help_text += f" ({current:g})"
 
 
 class TrustedNetworkForm(forms.ModelForm):

@@ -1,7 +1,9 @@
-"""The administration pages (/manage/): users, domains and routes, the mail-flow settings, trusted networks.
+"""The administration pages (/manage/): users, domains and routes, the mail-flow settings, trusted networks,
+the domains' spam policies.
 
 Administrators reach all of it. Domain administrators reach the users of their domains only (plain users
-whose every address is in one of their domains); anything else of theirs is a 404, and the pages meant for
+whose every address is in one of their domains) and the spam policies of their domains; anything else of
+theirs is a 404, and the pages meant for
 administrators are a 403. Users have no business here at all (403). Every change writes an audit row.
 """
 
@@ -19,9 +21,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from gateway.access import Role, address_domain, domains_of, role_of, role_of_account
-from gateway.models import Domain, MailFlowSettings, Route, TrustedNetwork, record_audit
+from gateway.models import Domain, DomainSpamPolicy, MailFlowSettings, Route, TrustedNetwork, record_audit
 
-from .forms import DomainForm, MailFlowSettingsForm, RouteForm, TrustedNetworkForm, UserForm
+from .forms import DomainForm, DomainSpamPolicyForm, MailFlowSettingsForm, RouteForm, TrustedNetworkForm, UserForm
 from .http import client_ip
 
 User = get_user_model()
@@ -197,6 +199,60 @@ def domain_delete(request: HttpRequest, domain_id: int) -> HttpResponse:
         domain.delete()
     messages.success(request, f"Domain {domain.name} removed: its mail is now refused as relaying.")
     return redirect("manage:domains")
+
+
+# --- Spam policies of the domains --------------------------------------------------------------------
+
+
+def managed_domains(editor) -> QuerySet:
+    """The domains whose spam policy this person may edit: every one (administrators), their own (domain
+    administrators)."""
+    role = role_of(editor)
+    if role == Role.ADMIN:
+        return Domain.objects.all()
+    if role == Role.DOMAIN_ADMIN:
+        return Domain.objects.filter(name__in=domains_of(editor))
+    return Domain.objects.none()
+
+
+@login_required
+def spam_policies(request: HttpRequest) -> HttpResponse:
+    _require_manager(request)
+    domains = managed_domains(request.user).select_related("spam_policy").order_by("name")
+    page = Paginator(domains, 100).get_page(request.GET.get("page"))
+    return _page(request, "manage/spam_policies.html", {"page": page, "config": MailFlowSettings.cached()})
+
+
+@login_required
+def spam_policy_edit(request: HttpRequest, domain_id: int) -> HttpResponse:
+    _require_manager(request)
+    domain = get_object_or_404(managed_domains(request.user), pk=domain_id)
+    policy = DomainSpamPolicy.objects.filter(domain=domain).first() or DomainSpamPolicy(domain=domain)
+    creating = policy.pk is None
+    form = DomainSpamPolicyForm(request.POST or None, instance=policy)
+    if request.method == "POST" and form.is_valid():
+        with transaction.atomic():
+            form.save()
+            if creating or form.changed_data:
+                _audit(request, "spam_policy_update", f"domain {domain.name}", changes=_changes(form))
+        messages.success(request, f"The spam policy of {domain.name} is saved.")
+        return redirect("manage:spam_policies")
+    return _page(request, "manage/spam_policy_form.html", {"form": form, "domain": domain},
+                 status=400 if form.is_bound else 200)
+
+
+@login_required
+@require_POST
+def spam_policy_delete(request: HttpRequest, domain_id: int) -> HttpResponse:
+    _require_manager(request)
+    domain = get_object_or_404(managed_domains(request.user), pk=domain_id)
+    with transaction.atomic():
+        deleted, _ = DomainSpamPolicy.objects.filter(domain=domain).delete()
+        if deleted:
+            _audit(request, "spam_policy_delete", f"domain {domain.name}")
+    messages.success(request, f"{domain.name} follows the mail-flow settings again; its users' own settings no "
+                              f"longer apply.")
+    return redirect("manage:spam_policies")
 
 
 # --- Routes --------------------------------------------------------------------------------------------

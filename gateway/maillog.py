@@ -127,14 +127,26 @@ def web_login_failed(*, client_ip: str | None, username: str, throttled: bool = 
 # --- the workers -----------------------------------------------------------------------------------------
 
 
-def scanned(queue_id: str, *, verdict: str, action: str, score: float | None, viruses: Iterable[str] = ()) -> None:
+def scanned(queue_id: str, *, verdict: str, action: str, score: float | None, viruses: Iterable[str] = (),
+            policy: str = "") -> None:
+    """The scan's verdict; `policy`: the spam policy that decided when it is not the global one ("per
+    recipient" when the recipients' differ: each has a line of its own, `recipient_verdict`)."""
     line = f"{queue_id}: verdict={verdict}, action={action}"
     if score is not None:
         line += f", score={score:.1f}"
     names = [clean(v, 100) for v in viruses]
     if names:
         line += f", viruses={' '.join(names)}"
+    if policy:
+        line += f", policy={clean(policy, 400)}"
     _logger("scan").info(line)
+
+
+def recipient_verdict(queue_id: str, *, recipient: str, verdict: str, action: str, policy: str) -> None:
+    """One recipient's verdict, when a message's recipients had different spam policies:
+    `to=<...>, verdict=..., action=..., policy=...`."""
+    _logger("scan").info("%s: to=<%s>, verdict=%s, action=%s, policy=%s", queue_id, clean(recipient), verdict,
+                         action, clean(policy, 400))
 
 
 def delivery(queue_id: str, *, recipient: str, relay_to: str, delay: float, code: int, text: str,

@@ -247,6 +247,81 @@ class MailFlowSettings(models.Model):
 _settings_snapshot = Snapshot(MailFlowSettings.load).clear_on_change(MailFlowSettings)
 
 
+def _threshold(help_text: str) -> models.FloatField:
+    return models.FloatField(null=True, blank=True, validators=[MinValueValidator(-1000), MaxValueValidator(100000)],
+                             help_text=help_text)
+
+
+class DomainSpamPolicy(models.Model):
+    """A domain's own spam thresholds and actions (empty: the mail-flow settings' own), and what its users
+    may choose for themselves. Edited by the domain's administrators and by administrators."""
+
+    domain = models.OneToOneField(Domain, on_delete=models.CASCADE, related_name="spam_policy")
+    spam_threshold = _threshold("Score from which mail is spam; empty: the global setting")
+    high_spam_threshold = _threshold("Score from which mail is high spam; empty: the global setting")
+    action_spam = models.CharField(max_length=12, choices=Action.choices, blank=True,
+                                   help_text="Empty: the global setting")
+    action_high_spam = models.CharField(max_length=12, choices=Action.choices, blank=True,
+                                        help_text="Empty: the global setting")
+    users_may_choose = models.BooleanField(default=False,
+                                           help_text="Users may set their own thresholds, within the limits below")
+    user_min_threshold = _threshold("The lowest threshold a user may choose; empty: no limit")
+    user_max_threshold = _threshold("The highest threshold a user may choose; empty: no limit")
+    users_may_skip_quarantine = models.BooleanField(
+        default=False, help_text="Users may have their spam delivered tagged instead of quarantined")
+
+    class Meta:
+        verbose_name = verbose_name_plural = "domain spam policy"
+
+    def __str__(self) -> str:
+        return f"spam policy of {self.domain}"
+
+    def clean(self) -> None:
+        if (self.spam_threshold is not None and self.high_spam_threshold is not None
+                and self.high_spam_threshold < self.spam_threshold):
+            raise ValidationError({"high_spam_threshold": "must be at least the spam threshold"})
+        if (self.user_min_threshold is not None and self.user_max_threshold is not None
+                and self.user_max_threshold < self.user_min_threshold):
+            raise ValidationError({"user_max_threshold": "must be at least the lowest threshold"})
+
+    def within_limits(self, threshold: float) -> bool:
+        """Whether a user of this domain may choose this threshold."""
+        low, high = self.user_min_threshold, self.user_max_threshold
+        return (low is None or threshold >= low) and (high is None or threshold <= high)
+
+    def clamp(self, threshold: float) -> float:
+        """A user's threshold brought within this domain's limits (limits tightened after the user chose,
+        or the user's address in another domain than the one whose limits the form checked)."""
+        if self.user_min_threshold is not None:
+            threshold = max(threshold, self.user_min_threshold)
+        if self.user_max_threshold is not None:
+            threshold = min(threshold, self.user_max_threshold)
+        return threshold
+
+
+class UserSpamPolicy(models.Model):
+    """A login's own spam thresholds (empty: its domain's) and whether its spam is tagged rather than
+    quarantined; applied to mail for each of its addresses, within the limits of that address's domain."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="spam_policy")
+    spam_threshold = _threshold("Score from which mail is spam; empty: your domain's setting")
+    high_spam_threshold = _threshold("Score from which mail is high spam; empty: your domain's setting")
+    skip_quarantine = models.BooleanField(
+        default=False, help_text="Deliver my spam tagged instead of holding it in the quarantine (never a virus, "
+                                 "a blocked attachment or a message that could not be checked)")
+
+    class Meta:
+        verbose_name = verbose_name_plural = "user spam policy"
+
+    def __str__(self) -> str:
+        return f"spam policy of {self.user}"
+
+    def clean(self) -> None:
+        if (self.spam_threshold is not None and self.high_spam_threshold is not None
+                and self.high_spam_threshold < self.spam_threshold):
+            raise ValidationError({"high_spam_threshold": "must be at least the spam threshold"})
+
+
 class MessageQuerySet(models.QuerySet):
     def visible_to(self, user) -> MessageQuerySet:
         """The messages this user may see: the one scoping rule of the whole product.
@@ -425,6 +500,11 @@ class Recipient(models.Model):
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
     verdict = models.CharField(max_length=20, choices=Verdict.choices, blank=True)
     action = models.CharField(max_length=12, choices=Action.choices, blank=True)
+    # The spam policy that gave this recipient its verdict and action, with the thresholds it used: "global
+    # (spam 5, high spam 15)", "domain example.org (...)", "user alice@example.org (...)".
+    policy = models.CharField(max_length=400, blank=True)
+    # That policy's spam threshold: the "required" of the X-Spam-Status this recipient's copy carries.
+    spam_threshold = models.FloatField(null=True, blank=True)
     released = models.BooleanField(default=False)
     reply_code = models.PositiveSmallIntegerField(null=True, blank=True)
     reply_text = models.TextField(blank=True, help_text="The downstream server's last reply")

@@ -144,7 +144,7 @@ def message(request, queue_id: str):
         "completed_at": _iso(m.completed_at),
         "recipients": [{
             "address": r.address, "status": r.status, "verdict": r.verdict, "action": r.action,
-            "released": r.released, "reply_code": r.reply_code, "reply_text": r.reply_text,
+            "policy": r.policy, "released": r.released, "reply_code": r.reply_code, "reply_text": r.reply_text,
             "delivered_at": _iso(r.delivered_at),
         } for r in Recipient.objects.filter(message=m).order_by("id")],
     })

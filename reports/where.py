@@ -91,7 +91,7 @@ def _when(value) -> str:
     return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z") if value else ""
 
 
-def _held_why(message: Message) -> str:
+def _held_why(message: Message, recipient: Recipient) -> str:
     if message.virus_names:
         return "it carries a virus (" + ", ".join(message.virus_names) + ")"
     blocked = [a.get("name") or "unnamed" for a in message.attachments if a.get("blocked")]
@@ -104,8 +104,10 @@ def _held_why(message: Message) -> str:
     if message.spam_score is not None:
         rules = sorted(message.spam_rules, key=lambda r: -float(r.get("score") or 0))[:5]
         named = ", ".join(f"{r['name']} {float(r.get('score') or 0):g}" for r in rules)
-        return (f"it scored {message.spam_score:.1f} as spam (the limit is {message.spam_threshold or 0:g})"
-                + (f": {named}" if named else ""))
+        # The recipient's own spam policy set the limit (docs/spam-policy.md); older rows have none.
+        limit = (f"the policy {recipient.policy}" if recipient.policy
+                 else f"the limit is {message.spam_threshold or 0:g}")
+        return f"it scored {message.spam_score:.1f} as spam ({limit})" + (f": {named}" if named else "")
     return message.get_verdict_display().lower() or "of its verdict"
 
 
@@ -161,10 +163,12 @@ def explain(message: Message, recipient: Recipient | None, user) -> Answer:
         mine = recipients_in_scope(Recipient.objects.filter(pk=recipient.pk), user).exists()
         may = mine and (message.verdict != Verdict.VIRUS or may_release_virus(user))
         since = _when(message.scanned_at or message.received_at)
-        return Answer(address, "quarantined", f"Held in the quarantine since {since}, because {_held_why(message)}.",
+        return Answer(address, "quarantined",
+                      f"Held in the quarantine since {since}, because {_held_why(message, recipient)}.",
                       may_release=may)
     if status == Recipient.Status.DELETED:
-        return Answer(address, "deleted", f"Held in the quarantine, because {_held_why(message)}, and then deleted.")
+        return Answer(address, "deleted",
+                      f"Held in the quarantine, because {_held_why(message, recipient)}, and then deleted.")
     if status == Recipient.Status.HELD:
         return Answer(address, "held", "On hold in the mail queue: an administrator holds it back for now.")
     if status == Recipient.Status.REFUSED:

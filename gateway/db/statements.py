@@ -87,29 +87,33 @@ VERDICT = ("UPDATE {m} SET " + VERDICT_SET +
 # The verdict without a claim to check: a message none of whose recipients was pending.
 VERDICT_UNCLAIMED = "UPDATE {m} SET " + VERDICT_SET + " WHERE {m.id} = %s"
 
+# A recipient's verdict, action and the spam policy that decided (with its spam threshold), in the order of
+# _group_params.
+RECIPIENT_VERDICT_SET = "{r.verdict} = %s, {r.action} = %s, {r.policy} = %s, {r.spam_threshold} = %s"
+
 # A group of pending recipients given their verdict and their next state (held, deleted, or claimed for
 # the delivery that follows, under the scan's timestamp); {ids}: those of the group, or all pending.
-GROUP_HELD = ("UPDATE {r} SET {r.verdict} = %s, {r.action} = %s, {r.status} = %s, {r.next_attempt_at} = %s "
+GROUP_HELD = ("UPDATE {r} SET " + RECIPIENT_VERDICT_SET + ", {r.status} = %s, {r.next_attempt_at} = %s "
               "WHERE {r.message} = %s AND ({r.status} IN (%s)) IS TRUE{ids}")
-GROUP_CLAIMED = ("UPDATE {r} SET {r.verdict} = %s, {r.action} = %s, {r.status} = %s, {r.claimed_at} = %s, "
+GROUP_CLAIMED = ("UPDATE {r} SET " + RECIPIENT_VERDICT_SET + ", {r.status} = %s, {r.claimed_at} = %s, "
                  "{r.next_attempt_at} = %s WHERE {r.message} = %s AND ({r.status} IN (%s)) IS TRUE{ids} "
                  "RETURNING {r.returning}")
 # The verdict and every pending recipient's, in one statement (PostgreSQL): no recipient changes unless the
 # message did.
 VERDICT_AND_GROUP_HELD = (
     "WITH scanned AS (" + VERDICT + " RETURNING {m.id}) "
-    "UPDATE {r} SET {r.verdict} = %s, {r.action} = %s, {r.status} = %s, {r.next_attempt_at} = %s FROM scanned "
+    "UPDATE {r} SET " + RECIPIENT_VERDICT_SET + ", {r.status} = %s, {r.next_attempt_at} = %s FROM scanned "
     "WHERE {r}.{r.message} = scanned.{m.id} AND ({r.status} IN (%s)) IS TRUE")
 VERDICT_AND_GROUP_CLAIMED = (
     "WITH scanned AS (" + VERDICT + " RETURNING {m.id}) "
-    "UPDATE {r} SET {r.verdict} = %s, {r.action} = %s, {r.status} = %s, {r.claimed_at} = %s, "
+    "UPDATE {r} SET " + RECIPIENT_VERDICT_SET + ", {r.status} = %s, {r.claimed_at} = %s, "
     "{r.next_attempt_at} = %s FROM scanned "
     "WHERE {r}.{r.message} = scanned.{m.id} AND ({r.status} IN (%s)) IS TRUE RETURNING {r.returning}")
 # The verdict, the message delivered, and these recipients' verdict and outcome, in one statement
 # (PostgreSQL): the delivery that follows a scan took every recipient in one SMTP transaction.
 VERDICT_DELIVERED = (
     "WITH scanned AS (" + VERDICT + " RETURNING {m.id}) "
-    "UPDATE {r} SET {r.verdict} = %s, {r.action} = %s, " + OUTCOME_SET + " FROM scanned "
+    "UPDATE {r} SET " + RECIPIENT_VERDICT_SET + ", " + OUTCOME_SET + " FROM scanned "
     "WHERE {r}.{r.message} = scanned.{m.id} AND ({r.status} IN (%s)) IS TRUE AND {r}.{r.id} IN ({ids})")
 
 # --- The delivery ----------------------------------------------------------------------------------------
@@ -190,8 +194,8 @@ def _verdict_params(message_values: dict, message_id: int, claimed_at: datetime 
 
 
 def _group_params(group: dict, now: datetime | None) -> list:
-    """A group's SET values: verdict, action, status[, claimed_at], next_attempt_at."""
-    head = [group["verdict"], group["action"], group["status"]]
+    """A group's SET values: verdict, action, policy, spam_threshold, status[, claimed_at], next_attempt_at."""
+    head = [group["verdict"], group["action"], group["policy"], group["spam_threshold"], group["status"]]
     if group["status"] == Recipient.Status.DELIVERING:
         head.append(_at(Recipient, "claimed_at", group["claimed_at"]))
     return [*head, _at(Recipient, "next_attempt_at", group["next_attempt_at"])]
@@ -233,10 +237,11 @@ def write_verdict_and_group(message_id: int, claimed_at: datetime | None, messag
 
 
 def write_verdict_delivered(message_id: int, claimed_at: datetime | None, message_values: dict, verdict: str,
-                            action: str, outcome: dict, ids: list[int]) -> int:
+                            action: str, policy: str, spam_threshold: float | None, outcome: dict,
+                            ids: list[int]) -> int:
     """The verdict, the message's final state and these recipients' verdict and outcome in one statement
     (PostgreSQL): how many recipients it recorded (none when the claim was lost)."""
-    params = [*_verdict_params(message_values, message_id, claimed_at), verdict, action,
+    params = [*_verdict_params(message_values, message_id, claimed_at), verdict, action, policy, spam_threshold,
               *_values(Recipient, OUTCOME_FIELDS, outcome), Recipient.Status.PENDING, *ids]
     return _run(render(VERDICT_DELIVERED, len(ids)), params)
 

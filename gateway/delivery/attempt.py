@@ -59,7 +59,8 @@ class DeliveryAttempt:
             return
         raw = bytes(raw)
         routes = active_routes()
-        # One SMTP transaction per destination and per variant of the content (tagged or not, verdict header).
+        # One SMTP transaction per destination and per variant of the content (tagged or not, the verdict and
+        # the spam threshold of the scan headers).
         groups: dict[tuple, list[Recipient]] = defaultdict(list)
         for recipient in recipients:
             try:
@@ -71,11 +72,12 @@ class DeliveryAttempt:
                 self.record.outcome([recipient], 451, f"4.4.3 DNS lookup of {recipient.domain} failed: {exc}")
                 continue
             tagged = recipient.action == Action.TAG and not recipient.released
-            groups[(destinations, tagged, recipient.verdict)].append(recipient)
+            groups[(destinations, tagged, recipient.verdict, recipient.spam_threshold)].append(recipient)
         raw = content.without_foreign_authentication_results(raw)
-        for (destinations, tagged, verdict), group in groups.items():
+        for (destinations, tagged, verdict, threshold), group in groups.items():
             try:
-                data = content.outgoing(self.message, raw, verdict, tagged=tagged, prefix=self.config.subject_prefix)
+                data = content.outgoing(self.message, raw, verdict, tagged=tagged, prefix=self.config.subject_prefix,
+                                        threshold=threshold)
                 self._send(destinations, group, data)
             except Exception:
                 # A bug or an odd input must not leave recipients claimed for ever: defer them, so that

@@ -12,14 +12,16 @@ from gateway.models import Message, Verdict
 from . import signing
 
 
-def scan_headers(message: Message, recipient_verdict: str) -> bytes:
-    """Our headers on delivered mail: what was found, so the mail client and the user can tell."""
+def scan_headers(message: Message, recipient_verdict: str, threshold: float | None = None) -> bytes:
+    """Our headers on delivered mail: what was found, so the mail client and the user can tell. `threshold`:
+    the recipients' own spam threshold (their spam policy's), else the message's."""
     lines = [f"X-Mailgate-Verdict: {recipient_verdict or message.verdict or 'unscanned'}"]
     if message.spam_score is not None:
         is_spam = recipient_verdict in (Verdict.SPAM, Verdict.HIGH_SPAM)
         tests = ",".join(f"{r['name']}={r['score']:g}" for r in message.spam_rules) or "none"
         lines.append(f"X-Spam-Status: {'Yes' if is_spam else 'No'}, score={message.spam_score:.1f} "
-                     f"required={message.spam_threshold or 0:.1f} tests={tests}")
+                     f"required={threshold if threshold is not None else message.spam_threshold or 0:.1f} "
+                     f"tests={tests}")
         lines.append(f"X-Spam-Score: {message.spam_score:.1f}")
         if is_spam:
             lines.append("X-Spam-Flag: YES")
@@ -71,10 +73,12 @@ def without_foreign_authentication_results(raw: bytes) -> bytes:
     return raw
 
 
-def outgoing(message: Message, raw: bytes, verdict: str, *, tagged: bool, prefix: str) -> bytes:
+def outgoing(message: Message, raw: bytes, verdict: str, *, tagged: bool, prefix: str,
+             threshold: float | None = None) -> bytes:
     """The bytes sent for one group of recipients: our added headers (CRLF), the scan headers for their
-    verdict, the original (its subject tagged for tagged spam), signed when the message is ours to sign."""
+    verdict (and their spam threshold), the original (its subject tagged for tagged spam), signed when the
+    message is ours to sign."""
     content = message.added_headers.encode("utf-8", "replace").replace(b"\r\n", b"\n").replace(
-        b"\n", b"\r\n") + scan_headers(message, verdict)
+        b"\n", b"\r\n") + scan_headers(message, verdict, threshold)
     body = tag_subject(raw, prefix) if tagged else raw
     return signing.sign_outgoing(message, content + body)

@@ -22,15 +22,16 @@ from gateway.db import statements
 from gateway.models import Action, MailFlowSettings, Message, RawMessage, Recipient, Verdict
 from gateway.policy.lists import lists_are_empty
 
-from .verdict import Groups, ScanOutcome, verdict_for_all, verdicts_after_lists, worst
+from . import spampolicy
+from .verdict import Decided, Groups, Key, ScanOutcome, verdict_for_all, verdicts_per_recipient, worst
 
 log = logging.getLogger(__name__)
 
 
-def _outcome_to_message(message: Message, outcome: ScanOutcome, groups: Iterable[tuple[str, str, str]],
+def _outcome_to_message(message: Message, outcome: ScanOutcome, groups: Iterable[Key],
                         config: MailFlowSettings, now) -> None:
-    """Set the message's scan fields from its recipients' (verdict, action, status) groups."""
-    verdicts, actions, statuses = (set(column) for column in zip(*groups, strict=True)) if groups else (set(),) * 3
+    """Set the message's scan fields from its recipients' (verdict, action, status, policy) groups."""
+    verdicts, actions, statuses, _ = (set(column) for column in zip(*groups, strict=True)) if groups else (set(),) * 4
     message.verdict = outcome.verdict if outcome.verdict != Verdict.CLEAN else worst(verdicts)
     message.action = next((a for a in (Action.QUARANTINE, Action.DELETE, Action.TAG, Action.DELIVER) if a in actions),
                           config.action_for(message.verdict))
@@ -69,38 +70,59 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     same order as every other writer of both, and nothing is written when the claim is lost.
     """
     now = timezone.now()
-    if lists_are_empty():
-        # No allow/block entry exists, so every pending recipient gets the scan's own verdict: one UPDATE
-        # for all of them, without reading them (the path of nearly every message).
+    if lists_are_empty() and not spampolicy.any_policy():
+        # No allow/block entry and no domain or user spam policy exists, so every pending recipient gets the
+        # scan's own verdict: one UPDATE for all of them, without reading them (the path of nearly every
+        # message).
         groups: Groups = {verdict_for_all(outcome, config): None}
+        decided: list[Decided] = []
     else:
-        groups = verdicts_after_lists(message, outcome, config)
+        decided = []
+        groups = verdicts_per_recipient(message, outcome, config, decided=decided)
     _outcome_to_message(message, outcome, groups, config, now)
     if len(groups) == 1 and message.state != Message.State.DELETED and statements.joined():
         result = _in_one_statement(message, outcome, config, groups, now)
     else:
         result = _in_a_transaction(message, outcome, config, groups, now)
     if result is not None:
-        _log_verdict(message)
+        _log_verdict(message, decided)
     return result
 
 
-def _log_verdict(message: Message) -> None:
+def _log_verdict(message: Message, decided: list[Decided]) -> None:
+    """The scan's line of the log; with the policy that decided when it is not the global one, and a line
+    for each recipient when their policies differ (`decided`: each recipient's outcome, empty when every
+    recipient had the global policy's)."""
+    policies = {policy for _, _, _, policy in decided}
+    policy = next(iter(policies)) if len(policies) == 1 else ""
     log.info("scanned %s: verdict=%s action=%s score=%s viruses=%s", message.queue_id, message.verdict,
              message.action, message.spam_score, ",".join(message.virus_names) or "-")
     maillog.scanned(message.queue_id, verdict=message.verdict, action=message.action, score=message.spam_score,
-                    viruses=message.virus_names or ())
+                    viruses=message.virus_names or (),
+                    policy="" if policy.startswith("global ") else policy or "per recipient")
+    if len(policies) > 1:
+        for address, verdict, action, each in decided:
+            maillog.recipient_verdict(message.queue_id, recipient=address, verdict=verdict, action=action,
+                                      policy=each)
 
 
 def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
                  pending: list[Recipient] | None) -> HeldVerdict | None:
     """The verdict held back for the delivery that follows, when the path allows it (see HeldVerdict):
-    PostgreSQL, no allow/block entry (one verdict for every pending recipient), an action that delivers,
-    recipients pending, and a scan claim far from stale. None: apply_verdict() writes it now."""
+    PostgreSQL, no allow/block entry, one verdict for every pending recipient (the same spam policy's, or
+    policies that agree), an action that delivers, recipients pending, and a scan claim far from stale.
+    None: apply_verdict() writes it now."""
     if not pending or not statements.joined() or not lists_are_empty():
         return None
     now = timezone.now()
-    key = verdict_for_all(outcome, config)
+    if spampolicy.any_policy():
+        # The recipients' policies are in memory (no list entry to read): held only when they agree.
+        groups = verdicts_per_recipient(message, outcome, config, pending)
+        if len(groups) != 1:
+            return None
+        (key,) = groups
+    else:
+        key = verdict_for_all(outcome, config)
     if key[2] != Recipient.Status.PENDING:
         return None
     held = HeldVerdict(message, outcome, config, key, now, pending)
@@ -131,7 +153,7 @@ class HeldVerdict:
     message: Message
     outcome: ScanOutcome
     config: MailFlowSettings
-    key: tuple[str, str, str]
+    key: Key
     now: datetime.datetime
     recipients: list[Recipient]
     tried: bool = False  # write() was called before
@@ -150,7 +172,7 @@ class HeldVerdict:
         self.tried = True
         result = _in_one_statement(self.message, self.outcome, self.config, {self.key: None}, self.now)
         if result is not None:
-            _log_verdict(self.message)
+            _log_verdict(self.message, self._decided())
         return result
 
     def write_delivered(self, values: dict, ids: list[int], completed_at: datetime.datetime) -> int | None:
@@ -159,21 +181,27 @@ class HeldVerdict:
         written)."""
         message = self.message
         fields = {**_verdict_fields(message), "state": Message.State.DELIVERED, "completed_at": completed_at}
-        count = statements.write_verdict_delivered(message.pk, message.claimed_at, fields, self.key[0], self.key[1],
-                                                   values, ids)
+        verdict, action, _, policy = self.key
+        count = statements.write_verdict_delivered(message.pk, message.claimed_at, fields, verdict, action,
+                                                   policy.label, policy.spam_threshold, values, ids)
         if not count and not statements.verdict_written(message.pk, Message.State.DELIVERED, self.now):
             return None
         message.state, message.completed_at = Message.State.DELIVERED, completed_at
-        _log_verdict(message)
+        _log_verdict(message, self._decided())
         return count
 
+    def _decided(self) -> list[Decided]:
+        verdict, action, _, policy = self.key
+        return [(recipient.address, verdict, action, policy.label) for recipient in self.recipients]
 
-def _recipient_values(verdict: str, action: str, status: str, now) -> dict:
-    """A group's verdict; the recipients to deliver are claimed for the caller in the same write."""
+
+def _recipient_values(verdict: str, action: str, status: str, policy: spampolicy.SpamPolicy, now) -> dict:
+    """A group's verdict and the policy that decided; the recipients to deliver are claimed for the caller in
+    the same write."""
+    decided = {"verdict": verdict, "action": action, "policy": policy.label, "spam_threshold": policy.spam_threshold}
     if status == Recipient.Status.PENDING:
-        return {"verdict": verdict, "action": action, "status": Recipient.Status.DELIVERING, "claimed_at": now,
-                "next_attempt_at": now}
-    return {"verdict": verdict, "action": action, "status": status, "next_attempt_at": None}
+        return {**decided, "status": Recipient.Status.DELIVERING, "claimed_at": now, "next_attempt_at": now}
+    return {**decided, "status": status, "next_attempt_at": None}
 
 
 def _verdict_fields(message: Message) -> dict:

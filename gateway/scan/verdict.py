@@ -1,11 +1,12 @@
 """The verdict on a message: what ClamAV, the attachment rules and SpamAssassin find (`scan`), and for
-each recipient what follows after the allow and block lists (`recipient_verdict`, grouped by
-`verdict_for_all` / `verdicts_after_lists`). Nothing here writes: gateway.scan.record does."""
+each recipient what follows from its spam policy and the allow and block lists (`recipient_verdict`,
+grouped by `verdict_for_all` / `verdicts_per_recipient`). Nothing here writes: gateway.scan.record does."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -14,7 +15,7 @@ from gateway.mailbytes import first_received
 from gateway.models import Action, MailFlowSettings, Message, Recipient, Verdict
 from gateway.policy.lists import list_decision
 
-from . import attachments, clamav, mime, spamassassin
+from . import attachments, clamav, mime, spamassassin, spampolicy
 from .limits import ScanLimits
 
 log = logging.getLogger(__name__)
@@ -193,24 +194,46 @@ def worst(verdicts) -> str:
     return next((v for v in VERDICT_RANK if v in present), Verdict.CLEAN)
 
 
-# A verdict for a group of recipients: (verdict, action, status), and the ids of the recipients it is for
-# (None: every pending recipient of the message).
-Groups = dict[tuple[str, str, str], list[int] | None]
+# A verdict for a group of recipients: (verdict, action, status, the spam policy that decided), and the ids of
+# the recipients it is for (None: every pending recipient of the message).
+Key = tuple[str, str, str, spampolicy.SpamPolicy]
+Groups = dict[Key, list[int] | None]
+# One recipient's (address, verdict, action, policy), for the log.
+Decided = tuple[str, str, str, str]
 
 
-def verdict_for_all(outcome: ScanOutcome, config: MailFlowSettings) -> tuple[str, str, str]:
-    """(verdict, action, status) of every pending recipient when no list entry tells them apart."""
-    action = config.action_for(outcome.verdict)
-    return outcome.verdict, action, RECIPIENT_STATUS[action]
+def verdict_for_all(outcome: ScanOutcome, config: MailFlowSettings) -> Key:
+    """(verdict, action, status, policy) of every pending recipient when no list entry and no domain or user
+    policy tells them apart: the global policy's, whose thresholds gave the scan its verdict."""
+    policy = spampolicy.global_policy(config)
+    action = policy.action_for(outcome.verdict, config)
+    return outcome.verdict, action, RECIPIENT_STATUS[action], policy
 
 
-def verdicts_after_lists(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> Groups:
-    """Allow/block entries exist: each pending recipient's verdict after the lists, grouped."""
+def verdicts_per_recipient(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
+                           recipients: Iterable[Recipient] | None = None,
+                           decided: list[Decided] | None = None) -> Groups:
+    """Allow/block entries or spam policies exist: each pending recipient's verdict under its own policy
+    (gateway.scan.spampolicy) and then the lists, grouped. `recipients`: the pending ones when already in
+    hand; `decided`, when given, gets each recipient's outcome for the log.
+
+    The message's own spam verdict becomes the worst its recipients' policies give (before the lists, as a
+    list entry never changes the message's verdict), so that a message clean for its only recipient's
+    thresholds is not called spam; a verdict on the content stays what it is."""
+    if recipients is None:
+        recipients = message.recipients.filter(status=Recipient.Status.PENDING)
     groups: Groups = {}
-    for recipient in message.recipients.filter(status=Recipient.Status.PENDING):
-        verdict, why = recipient_verdict(message, recipient, outcome.verdict)
-        action = config.action_for(verdict)
-        groups.setdefault((verdict, action, RECIPIENT_STATUS[action]), []).append(recipient.pk)
+    judged = []
+    for recipient in recipients:
+        policy = spampolicy.for_recipient(recipient.address, config)
+        judged.append(policy.verdict(outcome.verdict, outcome.spam_score))
+        verdict, why = recipient_verdict(message, recipient, judged[-1])
+        action = policy.action_for(verdict, config)
+        groups.setdefault((verdict, action, RECIPIENT_STATUS[action], policy), []).append(recipient.pk)
+        if decided is not None:
+            decided.append((recipient.address, verdict, action, policy.label))
         if why:
             outcome.notes.append(f"{recipient.address}: {why}")
+    if judged and outcome.verdict not in CONTENT_VERDICTS:
+        outcome.verdict = worst(judged)
     return groups

@@ -85,11 +85,13 @@ def test_filters_and_cursor_paging(personas):
 def test_one_message_in_detail(personas):
     message = make_message(spam_rules=[{"name": "BAYES_99", "score": 3.5, "description": "Bayes 99%"}],
                            checks={"spf": {"result": "pass"}}, verdict="spam", spam_score=6.0)
+    message.recipients.update(policy="domain example.com (spam 7, high spam 15)")
     admin, _ = token_client(personas.admin)
     data = admin.get(reverse("api_message", args=[message.queue_id])).json()
     assert data["spam_rules"][0]["name"] == "BAYES_99"
     assert data["checks"] == {"spf": {"result": "pass"}}
     assert data["recipients"][0]["status"] == "delivered" and data["recipients"][0]["reply_code"] == 250
+    assert data["recipients"][0]["policy"] == "domain example.com (spam 7, high spam 15)"
 
 
 @pytest.mark.django_db

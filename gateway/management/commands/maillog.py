@@ -21,7 +21,7 @@ def message_record(message: Message) -> dict:
         "envelope_sender": message.envelope_sender,
         "recipients": [
             {"address": r.address, "status": r.status, "verdict": r.verdict, "action": r.action,
-             "reply": r.reply_text, "attempts": r.attempts}
+             "policy": r.policy, "reply": r.reply_text, "attempts": r.attempts}
             for r in message.recipients.all()
         ],
         "header_from": message.header_from,

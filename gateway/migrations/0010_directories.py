@@ -10,7 +10,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('gateway', '0008_message_node_index'),
+        ('gateway', '0009_spam_policy'),
     ]
 
     operations = [
