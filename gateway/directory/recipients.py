@@ -17,6 +17,7 @@ from datetime import timedelta
 from django.db import close_old_connections
 from django.utils import timezone
 
+from gateway.memo import ExpiringMemory
 from gateway.models import Directory, DirectoryLookup
 
 from . import ldap as directory_ldap
@@ -36,8 +37,7 @@ class Answer:
 
 class DirectoryRecipients:
     def __init__(self):
-        self._memory: dict[str, tuple[float, Answer]] = {}
-        self._lock = threading.Lock()
+        self._memory: ExpiringMemory[Answer] = ExpiringMemory(most_seconds=MEMORY_SECONDS)
         self._local = threading.local()
         self._directories: tuple[float, list[Directory]] = (0.0, [])
         self.lookups = 0  # searches sent to a directory (the tests see the cache work)
@@ -45,10 +45,9 @@ class DirectoryRecipients:
     def verify(self, address: str, domain: str) -> Answer:
         """Synchronous (database and LDAP): run it in a thread."""
         address = address.lower()
-        with self._lock:
-            hit = self._memory.get(address)
-        if hit and hit[0] > time.monotonic():
-            return hit[1]
+        hit = self._memory.get(address)
+        if hit is not None:
+            return hit
         close_old_connections()
         directories = self._for_domain(domain)
         if not directories:
@@ -85,16 +84,11 @@ class DirectoryRecipients:
         return answer
 
     def _remember(self, address: str, answer: Answer, ttl: float) -> None:
-        with self._lock:
-            if len(self._memory) > 50_000:
-                self._memory.clear()
-            self._memory[address] = (time.monotonic() + min(ttl, MEMORY_SECONDS),
-                                     Answer(answer.state, answer.detail, answer.directory, cached=True))
+        self._memory.put(address, Answer(answer.state, answer.detail, answer.directory, cached=True), ttl)
 
     def forget(self) -> None:
         """Forget what this process remembers (the tests; an administrator's change is seen within minutes)."""
-        with self._lock:
-            self._memory.clear()
+        self._memory.clear()
         self._directories = (0.0, [])
 
     def _for_domain(self, domain: str) -> list[Directory]:

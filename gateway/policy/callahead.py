@@ -8,8 +8,6 @@ not. A server that cannot be asked (down, 4xx) gives 'unknown', which is not kep
 from __future__ import annotations
 
 import smtplib
-import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,6 +15,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from gateway.memo import ExpiringMemory
 from gateway.models import RecipientVerification
 
 MEMORY_SECONDS = 300
@@ -31,17 +30,15 @@ class Answer:
 
 class CallAhead:
     def __init__(self):
-        self._memory: dict[str, tuple[float, Answer]] = {}
-        self._lock = threading.Lock()
+        self._memory: ExpiringMemory[Answer] = ExpiringMemory(most_seconds=MEMORY_SECONDS)
         self.probes = 0
 
     def verify(self, address: str, host: str, port: int, *, positive_hours: int, negative_minutes: int) -> Answer:
         """Synchronous (database and SMTP): run it in a thread."""
         address = address.lower()
-        with self._lock:
-            hit = self._memory.get(address)
-        if hit and hit[0] > time.monotonic():
-            return hit[1]
+        hit = self._memory.get(address)
+        if hit is not None:
+            return hit
         close_old_connections()
         now = timezone.now()
         row = RecipientVerification.objects.filter(address=address, expires_at__gt=now).first()
@@ -59,11 +56,7 @@ class CallAhead:
         return answer
 
     def _remember(self, address: str, answer: Answer, ttl: float) -> None:
-        with self._lock:
-            if len(self._memory) > 50_000:
-                self._memory.clear()
-            self._memory[address] = (time.monotonic() + min(ttl, MEMORY_SECONDS), Answer(answer.state, answer.reply,
-                                                                                        cached=True))
+        self._memory.put(address, Answer(answer.state, answer.reply, cached=True), ttl)
 
     def probe(self, address: str, host: str, port: int) -> Answer:
         """EHLO, MAIL FROM, RCPT TO, RSET, QUIT: the server's answer to the RCPT is the answer."""
