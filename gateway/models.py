@@ -994,16 +994,17 @@ class Directory(models.Model):
     active = models.BooleanField(default=True)
     position = models.PositiveSmallIntegerField("order", default=0, help_text="Directories are asked in this order")
     uri = models.CharField(
-        max_length=500, validators=[validate_directory_uri],
+        "server URI", max_length=500, validators=[validate_directory_uri],
         help_text="ldap://host (StartTLS), ldaps://host, imap://host (STARTTLS) or imaps://host, with :port if "
                   "it is not the usual one; several LDAP servers separated by spaces")
     ca_certificate = models.TextField(
-        blank=True, help_text="The CA certificate(s) the server's certificate must chain to (PEM). Empty: the "
-                              "system's trusted CAs.")
+        "CA certificate", blank=True,
+        help_text="The CA certificate(s) the server's certificate must chain to (PEM). Empty: the system's trusted "
+                  "CAs.")
     timeout = models.PositiveSmallIntegerField(default=5, validators=[MinValueValidator(1), MaxValueValidator(60)],
                                                help_text="Seconds to wait for the server")
     # LDAP: how to find a person and what their entry says.
-    bind_dn = models.CharField(max_length=500, blank=True,
+    bind_dn = models.CharField("bind DN", max_length=500, blank=True,
                                help_text="The service account the gateway searches as (empty: anonymous)")
     bind_password = models.CharField(max_length=500, blank=True)
     user_base = models.CharField(max_length=500, blank=True, help_text="Where people are searched")
@@ -1019,10 +1020,10 @@ class Directory(models.Model):
     group_type = models.CharField(max_length=20, choices=GroupType.choices, default=GroupType.GROUP_OF_NAMES)
     group_base = models.CharField(max_length=500, blank=True,
                                   help_text="Where groups are searched (empty: the people's base)")
-    admin_group = models.CharField(max_length=500, blank=True,
+    admin_group = models.CharField("administrators' group", max_length=500, blank=True,
                                    help_text="DN of the group whose members are administrators")
     domain_admin_group = models.CharField(
-        max_length=500, blank=True,
+        "domain administrators' group", max_length=500, blank=True,
         help_text="DN of the group whose members are domain administrators of the domains of their addresses")
     recipient_filter = models.CharField(
         max_length=500,
