@@ -442,3 +442,74 @@ def save_result(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+# --- the SMTP-time checks on, against the test zones (bench/intake --checks, bench/pipeline --checks) ------
+
+DNS_STUB_CHILD = r"""
+import json, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+from tests.support.dnsstub import DNSStub
+stub = DNSStub(json.loads(sys.argv[2])).start()
+print("port", stub.port, flush=True)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+done.wait(3600)
+stub.stop()
+"""
+
+
+def bench_zones() -> dict:
+    """What a well-configured sending site publishes: the client's PTR and A, the HELO name, SPF, DMARC."""
+    return {
+        "sender.example": [{"A": "127.0.0.1"}, {"MX": [10, "client.sender.example"]},
+                           {"TXT": "v=spf1 ip4:127.0.0.0/8 -all"}],
+        "client.sender.example": [{"A": "127.0.0.1"}],
+        "_dmarc.sender.example": [{"TXT": "v=DMARC1; p=reject"}],
+        "1.0.0.127.in-addr.arpa": [{"PTR": "client.sender.example"}],
+        "example.org": [{"MX": [10, "mx.example.org"]}, {"A": "127.0.0.1"}],
+    }
+
+
+def start_checks(env: dict, *, resolver: str, extra: list[str], sender: str, recipient: str,
+                 log_prefix: str) -> tuple[dict, str]:
+    """A local DNS server and the SMTP-time checks on, as the product ships them: the environment runsmtp
+    needs for them, and a line saying what was set up. `resolver` "unbound": Debian's unbound on 127.0.0.1
+    forwarding to the test zones (as a real MX runs a local caching resolver); "stub": the zones' server itself.
+
+    The checks stay at their defaults (`manage.py smtppolicy show`), with the DNS answers of a well-run
+    sending site (bench_zones), so every check runs and passes; the one check that would refuse every
+    first try, greylisting, has the benchmark's triplet passed beforehand (its look-up still runs).
+    More settings: `extra` KEY=VALUE items (--checks-env: the environment of runsmtp).
+    """
+    import json
+
+    stub = start([sys.executable, "-c", DNS_STUB_CHILD, str(ROOT), json.dumps(bench_zones())],
+                 env=product_env(), log_name=f"{log_prefix}-dnsstub")
+    deadline = time.monotonic() + 15
+    port = None
+    while time.monotonic() < deadline and port is None:
+        if stub.poll() is not None:
+            raise SystemExit(f"the DNS stub exited; see {stub.log_path}")
+        text = stub.log_path.read_text() if stub.log_path.exists() else ""
+        for line in text.splitlines():
+            if line.startswith("port "):
+                port = int(line.split()[1])
+        time.sleep(0.05)
+    if port is None:
+        raise SystemExit("the DNS stub did not start")
+    note = f"DNS stub on 127.0.0.1:{port}"
+    if resolver == "unbound":
+        _unbound, resolver_port = start_unbound(port, log_name=f"{log_prefix}-unbound")
+        note = f"unbound on 127.0.0.1:{resolver_port} forwarding to the {note}"
+    else:
+        resolver_port = port
+    overrides = {"SMTP_REVERSE_DNS": "true", "DNS_NAMESERVERS": "127.0.0.1", "DNS_PORT": str(resolver_port)}
+    for item in extra:
+        key, _, value = item.partition("=")
+        overrides[key] = value
+    done = subprocess.run([sys.executable, "manage.py", "smtppolicy", "greylist-pass", "127.0.0.1", sender, recipient],
+                          env={**env, **overrides}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    note += ", greylisting triplet passed" if done.returncode == 0 else ", no greylisting in this tree"
+    log(f"--checks: {note}; runsmtp environment {overrides}")
+    return overrides, note
