@@ -1,5 +1,6 @@
 """My account (/account/): one's password, how often one gets the quarantine report, one's addresses (read-only
-unless ACCOUNT_EDIT_ADDRESSES), one's own allow and block list, and one's API tokens (the key shown once).
+unless ACCOUNT_EDIT_ADDRESSES), one's own allow and block list, one's API tokens (the key shown once), and
+two-factor login (/account/two-factor/, console/twofactor.py).
 
 Everything here is the login's own: another user's list entry or token is a 404.
 """
@@ -24,6 +25,7 @@ from gateway.access import Role, addresses_of, domains_of, role_of
 from gateway.models import Domain, SenderListEntry, UserProfile, record_audit, validate_sender_pattern
 from reports.models import ApiToken
 
+from . import twofactor
 from .http import client_ip
 
 
@@ -107,6 +109,7 @@ def _page(request: HttpRequest, *, status: int = 200, new_key: str | None = None
         "entries": SenderListEntry.objects.filter(scope=SenderListEntry.Scope.USER, user=user).order_by(
             "kind", "sender"),
         "tokens": ApiToken.objects.filter(user=user), "new_key": new_key,
+        "two_factor": twofactor.confirmed_device(user) is not None,
     }, status=status)
 
 
@@ -220,4 +223,9 @@ urlpatterns = [
     path("lists/<int:entry_id>/delete", list_delete, name="account_list_delete"),
     path("tokens/new", token_new, name="account_token_new"),
     path("tokens/<int:token_id>/revoke", token_revoke, name="account_token_revoke"),
+    path("two-factor/", twofactor.page, name="two_factor"),
+    path("two-factor/start", twofactor.start, name="two_factor_start"),
+    path("two-factor/confirm", twofactor.confirm, name="two_factor_confirm"),
+    path("two-factor/recovery-codes", twofactor.recovery_codes, name="two_factor_recovery_codes"),
+    path("two-factor/disable", twofactor.disable, name="two_factor_disable"),
 ]
