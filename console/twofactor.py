@@ -244,7 +244,10 @@ def _page(request: HttpRequest, *, status: int = 200, codes: list[str] | None = 
         "disable_form": forms_.get("disable_form") or DisableForm(user=user),
     }
     if setup is not None:
-        context.update(secret=base32_secret(setup), qr=qr_svg(setup), issuer=settings.TWO_FACTOR_ISSUER)
+        secret = base32_secret(setup)
+        # In groups of four, as it is typed into a phone (apps ignore the spaces).
+        context.update(secret=" ".join(secret[i:i + 4] for i in range(0, len(secret), 4)), qr=qr_svg(setup),
+                       issuer=settings.TWO_FACTOR_ISSUER)
     return render(request, "console/two_factor.html", context, status=status)
 
 
