@@ -238,6 +238,9 @@ LOGIN_THROTTLE_IP_FAILURES = envint("LOGIN_THROTTLE_IP_FAILURES", "30")
 TWO_FACTOR_REQUIRED_FOR_ADMINS = envbool("TWO_FACTOR_REQUIRED_FOR_ADMINS", "False")
 TWO_FACTOR_PENDING_SECONDS = envint("TWO_FACTOR_PENDING_SECONDS", "300")
 TWO_FACTOR_ISSUER = os.getenv("TWO_FACTOR_ISSUER", PRODUCT_NAME)
+# SMTP AUTH cannot ask for a code: it takes the password alone, or, with this, refuses a login that has
+# two-factor login set up (gateway/smtp/login.py).
+TWO_FACTOR_REFUSE_SMTP_AUTH = envbool("TWO_FACTOR_REFUSE_SMTP_AUTH", "False")
 OTP_TOTP_ISSUER = TWO_FACTOR_ISSUER
 # django_otp's own back-off per device is off: a wrong code counts in the login throttle above, the one count
 # of every door, and its words ("Too many failed logins ...") are the ones the login pages show.

@@ -4,14 +4,17 @@ administrator who must have it when TWO_FACTOR_REQUIRED_FOR_ADMINS says so."""
 
 from __future__ import annotations
 
+import smtplib
+
 import pytest
+from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from console import twofactor
 from console.models import RecoveryCode
-from gateway.models import AuditEvent
+from gateway.models import AuditEvent, SMTPPolicy
 from tests.support.people import PERSONAS_PASSWORD as PASSWORD
 from tests.support.people import make_user
 from tests.support.twofactor import code_at, enrol, fresh_code, key_of, now_step
@@ -302,3 +305,45 @@ def test_logging_out_is_allowed_before_setting_it_up(personas, settings):
     settings.TWO_FACTOR_REQUIRED_FOR_ADMINS = True
     _response, client = password_step("admin")
     assert client.post(reverse("logout")).status_code == 302 and not logged_in(client)
+
+
+# --- SMTP AUTH: the password alone, or refused ------------------------------------------------------------------
+
+
+def smtp_auth(server, login: str, password: str) -> int:
+    """The reply code of one AUTH PLAIN on the implicit-TLS port."""
+    with server.smtps() as client:
+        client.ehlo()
+        client.user, client.password = login, password
+        try:
+            return client.auth("PLAIN", client.auth_plain)[0]
+        except smtplib.SMTPAuthenticationError as exc:
+            return exc.smtp_code
+
+
+@pytest.fixture
+def smtp_user(transactional_db):
+    policy = SMTPPolicy.load()
+    policy.auth_max_failures = 0
+    policy.save()
+    user = get_user_model().objects.create_user("carol", "carol@example.org", PASSWORD)
+    enrol(user)
+    return user
+
+
+@pytest.mark.django_db(transaction=True)
+def test_smtp_auth_takes_the_password_alone_by_default(gateway_smtp_tls, smtp_user):
+    assert smtp_auth(gateway_smtp_tls, "carol", PASSWORD) == 235
+
+
+@pytest.mark.django_db(transaction=True)
+def test_smtp_auth_is_refused_for_two_factor_logins_when_the_setting_says_so(gateway_smtp_tls, smtp_user,
+                                                                                settings):
+    settings.TWO_FACTOR_REFUSE_SMTP_AUTH = True
+    assert smtp_auth(gateway_smtp_tls, "carol@example.org", PASSWORD) == 535
+    # The right password is not counted as a failure: the web login still works, with its code.
+    response, client = password_step("carol")
+    assert response["Location"] == reverse("login_code")
+    # A login without a device is not concerned.
+    get_user_model().objects.create_user("dave", "dave@example.org", PASSWORD)
+    assert smtp_auth(gateway_smtp_tls, "dave", PASSWORD) == 235
