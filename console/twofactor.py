@@ -135,6 +135,13 @@ def use_recovery_code(user, code: str) -> bool:
                                        used_at__isnull=True).update(used_at=timezone.now()) > 0
 
 
+def remove(user) -> None:
+    """Turn two-factor login off for a login: its devices and recovery codes are deleted."""
+    with transaction.atomic():
+        TOTPDevice.objects.filter(user=user).delete()
+        RecoveryCode.objects.filter(user=user).delete()
+
+
 # --- The second step of a login -----------------------------------------------------------------------------------
 
 
@@ -310,9 +317,7 @@ def disable(request: HttpRequest) -> HttpResponse:
     form = DisableForm(request.POST, user=user)
     if not form.is_valid():
         return _page(request, status=400, disable_form=form)
-    with transaction.atomic():
-        TOTPDevice.objects.filter(user=user).delete()
-        RecoveryCode.objects.filter(user=user).delete()
+    remove(user)
     record_audit("two_factor_disable", user=user, ip=client_ip(request), target=user.get_username())
     messages.success(request, "Two-factor login is off.")
     return redirect("two_factor")

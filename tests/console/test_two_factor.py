@@ -5,9 +5,11 @@ administrator who must have it when TWO_FACTOR_REQUIRED_FOR_ADMINS says so."""
 from __future__ import annotations
 
 import smtplib
+from io import StringIO
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
 from django_otp.plugins.otp_totp.models import TOTPDevice
@@ -347,3 +349,16 @@ def test_smtp_auth_is_refused_for_two_factor_logins_when_the_setting_says_so(gat
     # A login without a device is not concerned.
     get_user_model().objects.create_user("dave", "dave@example.org", PASSWORD)
     assert smtp_auth(gateway_smtp_tls, "dave", PASSWORD) == 235
+
+
+def test_an_administrator_turns_it_off_from_the_command_line(personas):
+    enrol(personas.alice)
+    out = StringIO()
+    call_command("twofactor", "show", "--user", "alice", stdout=out)
+    assert "on, 10 recovery codes left" in out.getvalue()
+    call_command("twofactor", "reset", "--user", "alice", stdout=StringIO())
+    assert twofactor.confirmed_device(personas.alice) is None
+    assert not RecoveryCode.objects.filter(user=personas.alice).exists()
+    assert AuditEvent.objects.filter(action="two_factor_disable", target="alice").exists()
+    response, _client = password_step("alice")
+    assert response["Location"] == reverse("dashboard")
