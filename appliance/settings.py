@@ -245,6 +245,8 @@ OTP_TOTP_ISSUER = TWO_FACTOR_ISSUER
 # django_otp's own back-off per device is off: a wrong code counts in the login throttle above, the one count
 # of every door, and its words ("Too many failed logins ...") are the ones the login pages show.
 OTP_TOTP_THROTTLE_FACTOR = 0
+# The Django admin of the devices does not show their secrets (nor their QR codes) to other administrators.
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True
 
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"

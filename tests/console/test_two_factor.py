@@ -362,3 +362,18 @@ def test_an_administrator_turns_it_off_from_the_command_line(personas):
     assert AuditEvent.objects.filter(action="two_factor_disable", target="alice").exists()
     response, _client = password_step("alice")
     assert response["Location"] == reverse("dashboard")
+
+
+def test_the_admin_deletes_a_device_audited_without_showing_its_secret(root, personas):
+    device, _codes = enrol(personas.alice)
+    own, _root_codes = enrol(root)
+    _response, client = password_step("root", url="/admin/login/", next="/admin/")
+    code_step(client, fresh_code(own))
+    url = f"/admin/otp_totp/totpdevice/{device.pk}/"
+    page = client.get(f"{url}change/")
+    assert page.status_code == 200 and device.key not in page.content.decode()
+    assert client.get(f"{url}config/").status_code == 403
+    assert client.get(f"{url}qrcode/").status_code == 403
+    response = client.post(f"{url}delete/", {"post": "yes"})
+    assert response.status_code == 302 and not TOTPDevice.objects.filter(pk=device.pk).exists()
+    assert AuditEvent.objects.filter(action="admin_delete", username="root").exists()
