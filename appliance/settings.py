@@ -131,6 +131,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
     "gateway",
     "quarantine",
     "reports",
@@ -146,6 +148,10 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # user.is_verified(): whether this session passed a second factor (django_otp), and then the rule that a
+    # login with a device reaches nothing before it did, nor an administrator without one when it is required.
+    "django_otp.middleware.OTPMiddleware",
+    "console.twofactor.TwoFactorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -225,6 +231,22 @@ LOGIN_THROTTLE_WINDOW = envint("LOGIN_THROTTLE_WINDOW", str(15 * 60))
 LOGIN_THROTTLE_PAIR_FAILURES = envint("LOGIN_THROTTLE_PAIR_FAILURES", "5")
 LOGIN_THROTTLE_USERNAME_FAILURES = envint("LOGIN_THROTTLE_USERNAME_FAILURES", "20")
 LOGIN_THROTTLE_IP_FAILURES = envint("LOGIN_THROTTLE_IP_FAILURES", "30")
+# Two-factor login (TOTP; console/twofactor.py, docs/security.md). Optional for everyone; with
+# TWO_FACTOR_REQUIRED_FOR_ADMINS an administrator without an authenticator is sent to set one up after the
+# password and reaches nothing else before. The second step of a login waits TWO_FACTOR_PENDING_SECONDS for its
+# code; TWO_FACTOR_ISSUER is the name the authenticator app shows.
+TWO_FACTOR_REQUIRED_FOR_ADMINS = envbool("TWO_FACTOR_REQUIRED_FOR_ADMINS", "False")
+TWO_FACTOR_PENDING_SECONDS = envint("TWO_FACTOR_PENDING_SECONDS", "300")
+TWO_FACTOR_ISSUER = os.getenv("TWO_FACTOR_ISSUER", PRODUCT_NAME)
+# SMTP AUTH cannot ask for a code: it takes the password alone, or, with this, refuses a login that has
+# two-factor login set up (gateway/smtp/login.py).
+TWO_FACTOR_REFUSE_SMTP_AUTH = envbool("TWO_FACTOR_REFUSE_SMTP_AUTH", "False")
+OTP_TOTP_ISSUER = TWO_FACTOR_ISSUER
+# django_otp's own back-off per device is off: a wrong code counts in the login throttle above, the one count
+# of every door, and its words ("Too many failed logins ...") are the ones the login pages show.
+OTP_TOTP_THROTTLE_FACTOR = 0
+# The Django admin of the devices does not show their secrets (nor their QR codes) to other administrators.
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True
 
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"

@@ -1,7 +1,8 @@
 """My account (/account/): one's password, how often one gets the quarantine report, one's addresses (read-only
 unless ACCOUNT_EDIT_ADDRESSES), one's own allow and block list, one's API tokens (the key shown once), and
 one's spam filter (/account/spam: one's own thresholds within the limits of one's domains, and whether spam
-is tagged instead of quarantined, as far as the domains' spam policies allow).
+is tagged instead of quarantined, as far as the domains' spam policies allow), and one's two-factor login
+(/account/two-factor/, console/twofactor.py).
 
 Everything here is the login's own: another user's list entry or token is a 404.
 """
@@ -36,6 +37,7 @@ from gateway.models import (
 from gateway.scan import spampolicy
 from reports.models import ApiToken
 
+from . import twofactor
 from .http import client_ip
 
 
@@ -181,6 +183,7 @@ def _page(request: HttpRequest, *, status: int = 200, new_key: str | None = None
         "entries": SenderListEntry.objects.filter(scope=SenderListEntry.Scope.USER, user=user).order_by(
             "kind", "sender"),
         "tokens": ApiToken.objects.filter(user=user), "new_key": new_key,
+        "two_factor": twofactor.confirmed_device(user) is not None,
     }, status=status)
 
 
@@ -328,4 +331,9 @@ urlpatterns = [
     path("spam", spam_filter, name="account_spam"),
     path("tokens/new", token_new, name="account_token_new"),
     path("tokens/<int:token_id>/revoke", token_revoke, name="account_token_revoke"),
+    path("two-factor/", twofactor.page, name="two_factor"),
+    path("two-factor/start", twofactor.start, name="two_factor_start"),
+    path("two-factor/confirm", twofactor.confirm, name="two_factor_confirm"),
+    path("two-factor/recovery-codes", twofactor.recovery_codes, name="two_factor_recovery_codes"),
+    path("two-factor/disable", twofactor.disable, name="two_factor_disable"),
 ]

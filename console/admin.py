@@ -13,6 +13,8 @@ from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django_otp.plugins.otp_totp.admin import TOTPDeviceAdmin
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from gateway.mailauth.dkim import zone_file_entry
 from gateway.models import (
@@ -472,3 +474,16 @@ class SenderListEntryAdmin(AuditedAdmin):
         if not change and obj.created_by_id is None:
             obj.created_by = request.user
         super().save_model(request, obj, form, change)
+
+
+# --- Two-factor login ---------------------------------------------------------------------------------------
+
+
+# django-otp's admin of the TOTP devices, audited like the rest: where an administrator deletes the device of a
+# user who lost it (as `manage.py twofactor reset` does). Its secret is not shown (OTP_ADMIN_HIDE_SENSITIVE_DATA).
+admin.site.unregister(TOTPDevice)
+
+
+@admin.register(TOTPDevice)
+class AuditedTOTPDeviceAdmin(AuditedAdmin, TOTPDeviceAdmin):
+    pass

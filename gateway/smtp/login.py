@@ -1,6 +1,10 @@
 """SMTP AUTH on the submission ports: PLAIN and LOGIN, over TLS only, against the appliance's users
 (django.contrib.auth, behind the login throttle every door shares: gateway.throttle), with the SMTP server's
-own per-client-IP limit of failures on top (SMTPPolicy.auth_max_failures)."""
+own per-client-IP limit of failures on top (SMTPPolicy.auth_max_failures).
+
+A mail client cannot be asked for a second factor: SMTP AUTH takes the password alone, also for a login with
+two-factor login set up, unless TWO_FACTOR_REFUSE_SMTP_AUTH says that such a login may not use SMTP AUTH at
+all (docs/security.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from aiosmtpd.smtp import AuthResult
+from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model
 from django.db import close_old_connections
 
@@ -53,7 +58,19 @@ def check_login(login: str, password: str, client_ip: str | None = None) -> Logi
     if user is None or not user.is_active:
         # Throttled meanwhile (by another process's failures), or this failure reached a limit.
         return LoginCheck(None, throttled=throttle.refusal(username, client_ip) is not None)
+    if settings.TWO_FACTOR_REFUSE_SMTP_AUTH and has_second_factor(user):
+        # The password was right (not counted as a failure), but this login's password is not enough here.
+        log.info("AUTH refused for %s from %s: two-factor login is set up (TWO_FACTOR_REFUSE_SMTP_AUTH)",
+                 user.get_username(), client_ip)
+        return LoginCheck(None)
     return LoginCheck(user.get_username())
+
+
+def has_second_factor(user) -> bool:
+    """Whether the login has a confirmed two-factor device (django_otp's, as the web login asks for)."""
+    from django_otp import user_has_device  # only when the setting asks: the SMTP process loads it late
+
+    return user_has_device(user, confirmed=True)
 
 
 def throttled_reply(client_ip: str | None) -> str:
