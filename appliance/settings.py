@@ -405,6 +405,10 @@ SMTP_SHARED_LIMITS_TIMEOUT = envfloat("SMTP_SHARED_LIMITS_TIMEOUT", "0.5")
 # the MAIL FROM it uses (empty: the null sender <>, as a bounce would).
 SMTP_CALLAHEAD_TIMEOUT = envfloat("SMTP_CALLAHEAD_TIMEOUT", "10")
 SMTP_CALLAHEAD_SENDER = os.getenv("SMTP_CALLAHEAD_SENDER", "")
+# The directories' recipient check (domains whose check is "ldap") asks from threads of its own, this many per
+# SMTP server, each keeping its connection to each directory: a slow directory holds these, not the threads the
+# other checks and SMTP AUTH share (docs/directory.md).
+SMTP_DIRECTORY_THREADS = envint("SMTP_DIRECTORY_THREADS", "8")
 
 # --- Quarantine digests, their links, the account page (docs/configuration.md) ----------------------------
 # Digests are sent from this address (one of our domains, so that they leave DKIM-signed) and name.

@@ -47,8 +47,24 @@ class DirectoryForm(forms.ModelForm):
         self.fields["domain"].empty_label = "(every domain: LDAP only)"
         self.saved_password = self.instance.bind_password if self.instance.pk else ""
 
-    def clean_bind_password(self) -> str:
-        return self.cleaned_data.get("bind_password") or self.saved_password
+    def clean(self) -> dict:
+        data = super().clean()
+        typed = data.get("bind_password") or ""
+        if not data.get("bind_dn"):
+            data["bind_password"] = ""  # anonymous: no password kept
+        elif typed:
+            data["bind_password"] = typed
+        elif self.saved_password and self.instance.pk and (
+                data.get("uri") != self.instance.uri or data.get("bind_dn") != self.instance.bind_dn):
+            # The saved password goes only where it was typed for: another server or account asks for it again.
+            self.add_error("bind_password", "Enter the password again: the server or the bind DN changed.")
+        else:
+            data["bind_password"] = self.saved_password
+        self.instance.bind_password = data.get("bind_password", "")
+        return data
+
+    def password_changed(self) -> bool:
+        return self.cleaned_data.get("bind_password", "") != self.saved_password
 
 
 class CheckForm(forms.Form):
@@ -87,8 +103,9 @@ def _form(request: HttpRequest, directory: Directory, *, results=None, check_for
         with transaction.atomic():
             directory = form.save()
             detail = _changes(form)
-            if "bind_password" in detail:
-                detail["bind_password"] = ["…", "…"]  # changed, never written down
+            detail.pop("bind_password", None)
+            if form.password_changed():
+                detail["bind_password"] = "changed"  # that it changed, never what to
             if creating or detail:
                 _audit(request, "directory_create" if creating else "directory_update", f"directory {directory.name}",
                        changes=detail)

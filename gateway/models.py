@@ -1047,30 +1047,40 @@ class Directory(models.Model):
         return self.name
 
     def clean(self) -> None:
+        import ssl
+
+        errors: dict[str, str] = {}
         scheme = self.uri.split()[0].partition(":")[0] if self.uri.split() else ""
         if scheme and scheme.rstrip("s") != self.kind:
-            raise ValidationError({"uri": f"a {self.get_kind_display()} is reached by "
-                                          + ("ldap:// or ldaps://" if self.kind == self.Kind.LDAP
-                                             else "imap:// or imaps://")})
+            errors["uri"] = (f"a {self.get_kind_display()} is reached by "
+                             + ("ldap:// or ldaps://" if self.kind == self.Kind.LDAP else "imap:// or imaps://"))
         if self.kind == self.Kind.IMAP and self.domain_id is None:
-            raise ValidationError({"domain": "an IMAP server logs in the people of one domain: choose it"})
+            errors["domain"] = "an IMAP server logs in the people of one domain: choose it"
         if self.kind == self.Kind.LDAP:
-            errors = {}
             if not self.user_base.strip():
                 errors["user_base"] = "where are people searched?"
             if "%(user)s" not in self.user_filter:
                 errors["user_filter"] = "the filter must contain %(user)s"
             if "%(address)s" not in self.recipient_filter:
                 errors["recipient_filter"] = "the filter must contain %(address)s"
-            for name in ("user_filter", "recipient_filter"):
+            for name, key in (("user_filter", "user"), ("recipient_filter", "address")):
                 value = getattr(self, name).strip()
                 if value and not (value.startswith("(") and value.endswith(")")):
                     errors.setdefault(name, "an LDAP filter is written in parentheses")
-            if errors:
-                raise ValidationError(errors)
-        if self.ca_certificate.strip() and "-----BEGIN CERTIFICATE-----" not in self.ca_certificate:
-            raise ValidationError({"ca_certificate": "paste the CA certificate in PEM form "
-                                                     "(-----BEGIN CERTIFICATE-----)"})
+                try:
+                    value % {key: "x"}  # how the filter is filled in; a stray % would fail at every login
+                except (KeyError, ValueError, TypeError):
+                    errors.setdefault(name, f"only %({key})s may follow a %; write %% for a percent sign")
+        if self.ca_certificate.strip():
+            if "-----BEGIN CERTIFICATE-----" not in self.ca_certificate:
+                errors["ca_certificate"] = "paste the CA certificate in PEM form (-----BEGIN CERTIFICATE-----)"
+            else:
+                try:
+                    ssl.create_default_context(cadata=self.ca_certificate.strip())
+                except (ssl.SSLError, ValueError) as exc:
+                    errors["ca_certificate"] = f"this is not a certificate that can be read: {exc}"
+        if errors:
+            raise ValidationError(errors)
 
     def alias_attribute_list(self) -> list[str]:
         return [name for name in self.alias_attributes.split() if name]

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from gateway.models import (
     ACTIVE_RECIPIENT_STATUSES,
+    DirectoryLookup,
     MailFlowSettings,
     Message,
     RawMessage,
@@ -72,9 +73,12 @@ def purge_expired(now=None, batch: int = 1000) -> int:
 
 
 def forget_expired() -> dict:
-    """Hourly: forget expired greylisting triplets and expired recipient call-ahead answers."""
+    """Hourly: forget expired greylisting triplets, and the expired answers of the recipient call-ahead and of the
+    directories' recipient check (a dictionary attack leaves one row per address it tried)."""
     policy = SMTPPolicy.load()
     triplets = greylist.purge(retry_window_hours=policy.greylist_retry_window_hours,
                               lifetime_days=policy.greylist_lifetime_days)
-    answers = RecipientVerification.objects.filter(expires_at__lt=timezone.now()).delete()[0]
-    return {"greylist": triplets, "callahead": answers}
+    now = timezone.now()
+    answers = RecipientVerification.objects.filter(expires_at__lt=now).delete()[0]
+    lookups = DirectoryLookup.objects.filter(expires_at__lt=now).delete()[0]
+    return {"greylist": triplets, "callahead": answers, "directory": lookups}

@@ -27,8 +27,8 @@ def login(directory: Directory, address: str, password: str, client_ip: str | No
     trusts the gateway (Dovecot's login_trusted_networks) counts failures, and slows down logins after them, per
     person's address instead of for the gateway's, through which everyone logs in."""
     scheme, host, port = tls.server_of(directory.uri.split()[0], default_ports=DEFAULT_PORTS)
-    context = tls.ssl_context(directory)
     try:
+        context = tls.ssl_context(directory)
         if scheme == "imaps":
             conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=directory.timeout)
         else:

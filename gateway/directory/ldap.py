@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -27,18 +28,12 @@ from django_auth_ldap.config import (
 from ldap.controls import SimplePagedResultsControl
 from ldap.filter import escape_filter_chars
 
+from gateway.access import canonical_domain
 from gateway.models import Directory
 
 from . import tls
 
 log = logging.getLogger(__name__)
-
-# Errors that say the server could not be asked (as opposed to an answer such as "no such entry").
-UNREACHABLE_ERRORS = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, ldap.UNAVAILABLE, ldap.BUSY,
-                      ldap.INVALID_CREDENTIALS, ldap.STRONG_AUTH_REQUIRED, ldap.CONFIDENTIALITY_REQUIRED,
-                      ldap.INAPPROPRIATE_AUTH, ldap.UNWILLING_TO_PERFORM, ldap.PROTOCOL_ERROR,
-                      ldap.OPERATIONS_ERROR, ldap.OTHER, ldap.LOCAL_ERROR, ldap.NO_SUCH_OBJECT,
-                      ldap.INSUFFICIENT_ACCESS, ldap.FILTER_ERROR, ldap.ADMINLIMIT_EXCEEDED)
 
 GROUP_CLASSES = {
     Directory.GroupType.GROUP_OF_NAMES: "(objectClass=groupOfNames)",
@@ -89,6 +84,8 @@ def connect(directory: Directory):
         conn.simple_bind_s(directory.bind_dn, directory.bind_password)
     except ldap.LDAPError as exc:
         raise Unreachable(describe(exc)) from exc
+    except (ValueError, TypeError, OSError) as exc:  # a CA file the library cannot read, a broken option
+        raise Unreachable(f"{type(exc).__name__}: {exc}"[:300]) from exc
     return conn
 
 
@@ -103,9 +100,28 @@ def describe(exc: ldap.LDAPError) -> str:
 
 # --- what an entry says ---------------------------------------------------------------------------------
 
+def single_address(value: str) -> str | None:
+    """The value as one mail address (lower case, its domain in the form ownership compares), or None when it
+    is anything else: a directory value is the directory's writing, and one holding a line break, a space or a
+    second @ must not become two addresses once stored one per line."""
+    if not value or len(value) > 320 or value.count("@") != 1:
+        return None
+    if any(ch.isspace() or unicodedata.category(ch)[0] in "CZ" for ch in value):
+        return None  # control characters, line and paragraph separators, every kind of space
+    local, _, domain = value.rpartition("@")
+    if not local or not domain or domain.startswith(".") or ".." in domain:
+        return None
+    try:
+        domain = canonical_domain(domain)
+    except ValueError:
+        return None
+    return f"{local}@{domain}".lower() if domain else None
+
+
 def addresses_of_entry(directory: Directory, attrs: dict) -> list[str]:
     """The addresses an entry holds, primary first, lower case, each once. proxyAddresses values are read as
-    Active Directory writes them (SMTP:primary, smtp:alias); those of other types (X400:, SIP:) are not mail."""
+    Active Directory writes them (SMTP:primary, smtp:alias); those of other types (X400:, SIP:) are not mail.
+    A value that is not exactly one address is left out (`single_address`)."""
     found: list[str] = []
     names = [directory.mail_attribute, *directory.alias_attribute_list()]
     lowered = {key.lower(): values for key, values in (attrs or {}).items()}
@@ -117,8 +133,12 @@ def addresses_of_entry(directory: Directory, attrs: dict) -> list[str]:
                 if kind.lower() != "smtp":
                     continue
                 value = rest.strip()
-            if "@" in value and " " not in value:
-                found.append(value.lower())
+            address = single_address(value)
+            if address is not None:
+                found.append(address)
+            elif value:
+                log.warning("directory %s: %r in %s is not one mail address; left out", directory.name,
+                            value[:100], name)
     return list(dict.fromkeys(found))
 
 
@@ -140,7 +160,7 @@ def _settings(directory: Directory) -> LDAPSettings:
     config.BIND_DN = directory.bind_dn
     config.BIND_PASSWORD = directory.bind_password
     config.USER_SEARCH = LDAPSearch(directory.user_base, ldap.SCOPE_SUBTREE, directory.user_filter)
-    config.USER_ATTR_MAP = {"first_name": "givenName", "last_name": "sn"}
+    config.USER_ATTR_MAP = {}  # the names are set by gateway.directory.login, cut to the length a name may have
     config.ALWAYS_UPDATE_USER = True
     config.PERMIT_EMPTY_PASSWORD = False  # an empty password is an anonymous bind, which always "succeeds"
     config.GROUP_SEARCH = LDAPSearch(directory.group_base or directory.user_base, ldap.SCOPE_SUBTREE,
@@ -231,7 +251,12 @@ def login(directory: Directory, login_name: str, password: str, request, claim) 
     (None, None). Raises Unreachable when the directory could not be asked. Synchronous (network): SMTP AUTH
     runs it in a thread."""
     backend = DirectoryBackend(directory, claim)
-    user = backend.authenticate(request, username=login_name, password=password)
+    try:
+        user = backend.authenticate(request, username=login_name, password=password)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        # What django-auth-ldap lets through (a CA it cannot load, a filter with a stray %): the directory's
+        # configuration is broken, which is no login and says why, never a crash of the login page.
+        raise Unreachable(f"{type(exc).__name__}: {exc}"[:300]) from exc
     if user is None and backend.errors:
         error = backend.errors[0]
         raise Unreachable(describe(error) if isinstance(error, ldap.LDAPError) else str(error)[:300])
@@ -242,7 +267,7 @@ def login(directory: Directory, login_name: str, password: str, request, claim) 
 
 def find_address(conn, directory: Directory, address: str) -> str | None:
     """The DN of the entry holding this address, or None. Raises Unreachable."""
-    filterstr = directory.recipient_filter.replace("%(address)s", escape_filter_chars(address))
+    filterstr = directory.recipient_filter % {"address": escape_filter_chars(address)}
     try:
         results = conn.search_ext_s(directory.user_base, ldap.SCOPE_SUBTREE, filterstr, ["1.1"],
                                     timeout=directory.timeout, sizelimit=1)
@@ -327,7 +352,8 @@ def lookup_person(directory: Directory, login_name: str) -> Person | None:
     test` and the directory page's test."""
     conn = connect(directory)
     try:
-        filterstr = directory.user_filter.replace("%(user)s", escape_filter_chars(login_name.strip()))
+        # Filled in as django-auth-ldap fills it at a login, so that the test finds what a login would.
+        filterstr = directory.user_filter % {"user": escape_filter_chars(login_name.strip())}
         try:
             found = conn.search_ext_s(directory.user_base, ldap.SCOPE_SUBTREE, filterstr, None,
                                       timeout=directory.timeout, sizelimit=2)

@@ -22,6 +22,7 @@ import logging
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Q
 
 from gateway.access import Role, address_domain, canonical_domain
 from gateway.models import Directory, Domain, UserProfile, record_audit
@@ -65,14 +66,43 @@ def claim_account(directory: Directory, addresses: list[str]):
     address = own[0]
     User = get_user_model()
     user = User.objects.filter(**{f"{User.USERNAME_FIELD}__iexact": address}).select_related("mail_profile").first()
+    if user is not None:
+        profile = getattr(user, "mail_profile", None)
+        if profile is None or profile.directory_id != directory.pk:
+            log.warning("directory %s: %s logged in there, but the account %s is not that directory's; refused",
+                        directory.name, address, user.get_username())
+            return None, False
+    if address in owned_elsewhere([address], user.pk if user is not None else None):
+        log.warning("directory %s: %s logged in there, but that address is another account's; refused",
+                    directory.name, address)
+        return None, False
     if user is None:
         return User(**{User.USERNAME_FIELD: address}), True
-    profile = getattr(user, "mail_profile", None)
-    if profile is None or profile.directory_id != directory.pk:
-        log.warning("directory %s: %s logged in there, but the account %s is not that directory's; refused",
-                    directory.name, address, user.get_username())
-        return None, False
     return user, False
+
+
+def owned_elsewhere(addresses: list[str], user_pk: int | None) -> set[str]:
+    """Those of the addresses another account has (as its name, its e-mail address or an alias): a directory
+    does not give anyone an address that is already someone else's mail."""
+    wanted = {a.lower() for a in addresses}
+    if not wanted:
+        return set()
+    User = get_user_model()
+    name = User.USERNAME_FIELD
+    match = Q()
+    for address in wanted:
+        match |= Q(email__iexact=address) | Q(**{f"{name}__iexact": address})
+    others = User.objects.exclude(pk=user_pk) if user_pk else User.objects.all()
+    owned = set()
+    for email, username in others.filter(match).values_list("email", name):
+        owned |= {(email or "").lower(), (username or "").lower()} & wanted
+    aliases = Q()
+    for address in wanted:
+        aliases |= Q(addresses__icontains=address)
+    profiles = UserProfile.objects.exclude(user_id=user_pk) if user_pk else UserProfile.objects.all()
+    for text in profiles.filter(aliases).values_list("addresses", flat=True):
+        owned |= {line.strip().lower() for line in text.splitlines()} & wanted
+    return owned
 
 
 def authenticate(request, login: str, password: str, client_ip: str | None = None):
@@ -127,6 +157,11 @@ def _refresh(directory: Directory, user, addresses: list[str], *, admin: bool = 
     disabled here."""
     allowed = granted_domains(directory)
     own = [a for a in addresses if address_domain(a) in allowed]
+    taken = owned_elsewhere(own, user.pk)
+    if taken:
+        log.warning("directory %s: %s is left out of %s: another account's", directory.name,
+                    ", ".join(sorted(taken)), user.get_username())
+    own = [a for a in own if a not in taken]
     if not own:  # claim_account refused such a person before any account was made
         return None
     if user.pk is not None and not user.is_active:

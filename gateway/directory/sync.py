@@ -36,8 +36,9 @@ class SyncResult:
 
 def sync(directory: Directory, *, disable_missing: bool = False, user=None) -> SyncResult:
     """List the directory (LDAP) into DirectoryAddress: only addresses of the domains it speaks for. With
-    `disable_missing`, its accounts whose address is no longer there are disabled (and enabled again by their
-    next login, should they come back). Raises directory_ldap.Unreachable; writes nothing then."""
+    `disable_missing`, its accounts whose address is no longer there are disabled (an administrator enables one
+    again, on the user page); a listing that finds nobody disables nobody. Raises directory_ldap.Unreachable;
+    writes nothing then."""
     if directory.kind != Directory.Kind.LDAP:
         raise ValueError(f"{directory.name} is an IMAP server: it cannot list its mailboxes")
     started = time.monotonic()
@@ -68,7 +69,11 @@ def sync(directory: Directory, *, disable_missing: bool = False, user=None) -> S
         DirectoryAddress.objects.bulk_create(new, batch_size=1000)
         DirectoryAddress.objects.bulk_update(changed, ["primary", "name", "dn", "synced_at"], batch_size=1000)
         result.added, result.removed = len(new), len(gone)
-        if disable_missing:
+        if disable_missing and not result.entries:
+            # An empty listing is far likelier a directory that stopped showing us its people (a changed base,
+            # the service account's rights) than everyone gone: nobody is disabled on its word.
+            log.warning("directory %s listed nobody: no account disabled", directory.name)
+        elif disable_missing:
             User = get_user_model()
             primaries = {row[1] for row in result.addresses}
             for account in User.objects.filter(mail_profile__directory=directory, is_active=True):

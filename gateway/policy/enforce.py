@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.conf import settings
@@ -60,6 +61,7 @@ class Enforcer:
         self.greylist = Greylist()
         self.callahead = CallAhead()
         self.directory = DirectoryRecipients()
+        self._directory_threads: ThreadPoolExecutor | None = None
         self._resolver: CachingResolver | None = None
         self._resolver_key: tuple | None = None
         self._spf_cache: checks.ResultCache | None = None
@@ -518,7 +520,12 @@ class Enforcer:
         not hold, 451 4.4.3 (or accepted, as the directory says) when the directory cannot be asked."""
         txn: Transaction = envelope.txn
         started = time.monotonic()
-        answer = await asyncio.to_thread(self.directory.verify, recipient, domain)
+        if self._directory_threads is None:
+            self._directory_threads = ThreadPoolExecutor(max_workers=max(1, int(settings.SMTP_DIRECTORY_THREADS)),
+                                                         thread_name_prefix="directory")
+        # Threads of its own: a directory that answers slowly holds these, not those of the other checks.
+        answer = await asyncio.get_running_loop().run_in_executor(self._directory_threads, self.directory.verify,
+                                                                  recipient, domain)
         txn.directory_seconds += time.monotonic() - started
         remembered = " (remembered)" if answer.cached else ""
         if answer.state == "unknown_user":

@@ -11,40 +11,19 @@ Screenshots: docs/screenshots/quarantine.png, lists.png, manage-users.png.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from datetime import timedelta
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from gateway.models import Message, SenderListEntry, Verdict
-from tests.support import browser as kit
 from tests.support.browser import login_as, screenshot
 from tests.support.mail import message as build_message
 from tests.support.people import GTUBE, PASSWORD, People, make_people, quarantined, virus
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Chromium for this module only (the kit's `page` runs in it).
-
-    The kit's own `browser` fixture is session-scoped; imported into two test modules it became two
-    session fixtures, and the second Playwright start failed ("Sync API inside the asyncio loop") while
-    the first one lived. One Playwright per module, closed when the module ends, avoided that; the kit's
-    fixture is now provided once, by tests/conftest.py, so this one could give way to it.
-    """
-    if not os.path.exists(kit.CHROMIUM):
-        if kit.on_ci():
-            pytest.fail(f"{kit.CHROMIUM} is missing and CI is set: install Debian's chromium")
-        pytest.skip(f"{kit.CHROMIUM} is missing (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=kit.CHROMIUM, args=kit.CHROMIUM_ARGS)
-        yield instance
-        instance.close()
 
 
 @pytest.fixture

@@ -193,3 +193,39 @@ def test_a_directory_uri_is_checked(db, uri):
 
     with pytest.raises(ValidationError):
         validate_directory_uri(uri)
+
+
+def test_an_address_that_is_another_accounts_is_never_given(ldap_directory, caplog):
+    # a.liddell@ is a local account's alias; bob@ a local account's e-mail address.
+    make_user("ceo", email="ceo@example.edu", aliases="a.liddell@example.edu", password="the-local-password-3")
+    make_user("bobby", email="bob@example.edu", password="the-local-password-4")
+    caplog.set_level(logging.WARNING, logger="gateway.directory.login")
+    alice = authenticate(username="alice", password=PASSWORDS["alice"], client_ip="192.0.2.1")
+    assert addresses_of(alice) == ["alice@example.edu", "postmaster-team@example.edu"]
+    assert "a.liddell@example.edu is left out of alice@example.edu: another account's" in caplog.text
+    # bob's own address is bobby's: no second account with it, and bobby keeps his SMTP AUTH by address.
+    assert authenticate(username="bob", password=PASSWORDS["bob"], client_ip="192.0.2.1") is None
+    assert "that address is another account's" in caplog.text
+    assert not User.objects.filter(username="bob@example.edu").exists()
+
+
+@pytest.mark.parametrize("value", ["ceo@victim.example\nx@example.edu", "ceo@victim.example\u2028x@example.edu",
+                                   "ceo@victim.example x@example.edu", "a@b@example.edu", "x@example.edu\u200b",
+                                   "@example.edu", "x@.example.edu"])
+def test_a_directory_value_is_one_address_or_nothing(db, value):
+    from gateway.directory.ldap import addresses_of_entry
+
+    directory = Directory(name="d", mail_attribute="mail", alias_attributes="mailAlternateAddress proxyAddresses")
+    attrs = {"mail": [b"carol@example.edu"], "mailAlternateAddress": [value.encode()],
+             "proxyAddresses": [b"smtp:" + value.encode()]}
+    assert addresses_of_entry(directory, attrs) == ["carol@example.edu"]
+
+
+def test_names_longer_than_a_name_may_be_are_cut(ldap_directory, monkeypatch):
+    from gateway.directory import ldap as directory_ldap
+
+    real = directory_ldap.first_value
+    monkeypatch.setattr(directory_ldap, "first_value", lambda attrs, name: "N" * 400 if name == "sn"
+                        else real(attrs, name))
+    carol = authenticate(username="carol", password=PASSWORDS["carol"], client_ip="192.0.2.1")
+    assert carol is not None and len(User.objects.get(pk=carol.pk).last_name) == 150

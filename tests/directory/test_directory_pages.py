@@ -53,7 +53,12 @@ def test_an_administrator_adds_tests_and_lists_a_directory(admin_client, persona
                                                                         bind_password="", timeout="4"))
     directory.refresh_from_db()
     assert directory.bind_password == SERVICE_PASSWORD and directory.timeout == 4
-    assert AuditEvent.objects.filter(action="directory_update").get().detail["changes"]["timeout"] == ["3", "4"]
+    changes = AuditEvent.objects.filter(action="directory_update").get().detail["changes"]
+    assert changes == {"timeout": ["3", "4"]}  # the password was not changed, so not said to be
+    # Another server: the saved password is not sent there unless typed again.
+    response = admin_client.post(f"/manage/directories/{directory.pk}/", form_data(
+        domain=str(personas.example_com.pk), bind_password="", uri="ldaps://elsewhere.example"))
+    assert response.status_code == 400 and "Enter the password again" in response.content.decode()
     # The test says what works, step by step.
     page = admin_client.post(f"/manage/directories/{directory.pk}/test",
                              {"login": "alice", "address": "info@example.edu"}).content.decode()
@@ -81,6 +86,11 @@ def test_a_broken_form_says_what_is_wrong(admin_client):
     page = response.content.decode()
     assert "every server the same way" in page and "must contain %(user)s" in page
     assert "where are people searched?" in page
+    response = admin_client.post("/manage/directories/new", form_data(
+        ca_certificate="-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----",
+        user_filter="(&(uid=%(user)s)(cn=100%))"))
+    page = response.content.decode()
+    assert "this is not a certificate that can be read" in page and "write %% for a percent sign" in page
     response = admin_client.post("/manage/directories/new", form_data(kind="imap", uri="imaps://mail.example.edu"))
     assert "choose it" in response.content.decode()  # an IMAP server belongs to one domain
     assert not Directory.objects.exists()

@@ -11,7 +11,7 @@ from django.contrib.auth import authenticate, get_user_model
 from django.core.management import CommandError, call_command
 
 from gateway.models import Directory, DirectoryAddress
-from tests.support.directory import PASSWORDS
+from tests.support.directory import PASSWORDS, PEOPLE, private_slapd
 
 
 def run(*args) -> tuple[str, str]:
@@ -38,19 +38,36 @@ def test_sync_lists_every_address_of_the_domain(ldap_directory):
     assert not DirectoryAddress.objects.filter(address="info@example.edu").exists()
 
 
-def test_sync_disables_the_accounts_of_people_who_left(ldap_directory):
-    assert authenticate(username="carol", password=PASSWORDS["carol"], client_ip="192.0.2.5") is not None
-    User = get_user_model()
-    # carol leaves: as far as the gateway can tell, her entry no longer has a mail address it reads.
-    Directory.objects.filter(pk=ldap_directory.pk).update(user_base="ou=nobody,dc=example,dc=edu")
-    with pytest.raises(CommandError):
-        run("sync", "--disable-missing")  # a base that does not exist is an error, and nothing is disabled
-    assert User.objects.get(username="carol@example.edu").is_active
-    Directory.objects.filter(pk=ldap_directory.pk).update(user_base="ou=people,dc=example,dc=edu",
-                                                          mail_attribute="telephoneNumber", alias_attributes="")
-    _out, err = run("sync", "--disable-missing")
-    assert "disabled: carol@example.edu" in err
-    assert not User.objects.get(username="carol@example.edu").is_active
+def test_sync_disables_the_accounts_of_people_who_left(ldap_directory, tmp_path):
+    with private_slapd(tmp_path / "slapd") as (url, _stop, _start):
+        Directory.objects.filter(pk=ldap_directory.pk).update(uri=url)
+        assert authenticate(username="carol", password=PASSWORDS["carol"], client_ip="192.0.2.5") is not None
+        User = get_user_model()
+        # A listing that finds nobody (here: a base the directory does not have) disables nobody.
+        Directory.objects.filter(pk=ldap_directory.pk).update(user_base="ou=nobody,dc=example,dc=edu")
+        with pytest.raises(CommandError):
+            run("sync", "--disable-missing")
+        Directory.objects.filter(pk=ldap_directory.pk).update(user_base="ou=staff,dc=example,dc=edu")
+        modify(url, "dn: ou=staff,dc=example,dc=edu\nchangetype: add\nobjectClass: organizationalUnit\nou: staff\n")
+        _out, err = run("sync", "--disable-missing")
+        assert "0 entries" in err and User.objects.get(username="carol@example.edu").is_active
+        # carol leaves: her entry is deleted in the directory; the next listing disables her account.
+        Directory.objects.filter(pk=ldap_directory.pk).update(user_base=PEOPLE)
+        modify(url, "dn: uid=carol,ou=people,dc=example,dc=edu\nchangetype: delete\n")
+        _out, err = run("sync", "--disable-missing")
+        assert "2 entries" in err and "disabled: carol@example.edu" in err
+        assert not User.objects.get(username="carol@example.edu").is_active
+
+
+def modify(url: str, ldif: str) -> None:
+    """A change made in the directory by its own administrator (the rootdn of the test directory)."""
+    import os
+    import subprocess
+
+    subprocess.run(["ldapmodify", "-x", "-ZZ", "-H", url, "-D", "cn=admin,dc=example,dc=edu", "-w",
+                    "admin-test-secret"], input=ldif.encode(), check=True, capture_output=True, timeout=30,
+                   env={**os.environ, "LDAPTLS_CACERT": os.getenv("MAILGATE_TEST_CA") or
+                        "/var/lib/mailgate-test/tls/ca.pem"})
 
 
 def test_a_configuration_is_tested_in_words(ldap_directory):
