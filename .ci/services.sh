@@ -180,6 +180,8 @@ else
     # Postfix only as a local test peer: no questions, nothing listening on the network.
     echo "postfix postfix/main_mailer_type select Local only" | debconf-set-selections
     echo "postfix postfix/mailname string $(hostname)" | debconf-set-selections
+    # slapd without a directory of its own: the test directory is .ci/directory's, started on loopback below.
+    echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
     # Wait for another apt run (unattended-upgrades, a provisioning step) instead of failing.
     apt=(apt-get -q -o DPkg::Lock::Timeout=900)
     "${apt[@]}" update
