@@ -152,6 +152,8 @@ MIDDLEWARE = [
     # login with a device reaches nothing before it did, nor an administrator without one when it is required.
     "django_otp.middleware.OTPMiddleware",
     "console.twofactor.TwoFactorMiddleware",
+    # A directory account's session follows its directory (its role and addresses searched again now and then).
+    "console.directory_session.DirectorySessionMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -409,6 +411,9 @@ SMTP_CALLAHEAD_SENDER = os.getenv("SMTP_CALLAHEAD_SENDER", "")
 # SMTP server, each keeping its connection to each directory: a slow directory holds these, not the threads the
 # other checks and SMTP AUTH share (docs/directory.md).
 SMTP_DIRECTORY_THREADS = envint("SMTP_DIRECTORY_THREADS", "8")
+# How often the web UI searches a logged-in directory (LDAP) account again: its role and addresses refreshed, its
+# session ended when the directory no longer holds it (docs/directory.md).
+DIRECTORY_RECHECK_SECONDS = envint("DIRECTORY_RECHECK_SECONDS", "900")
 
 # --- Quarantine digests, their links, the account page (docs/configuration.md) ----------------------------
 # Digests are sent from this address (one of our domains, so that they leave DKIM-signed) and name.

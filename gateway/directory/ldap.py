@@ -346,14 +346,18 @@ def is_member(conn, directory: Directory, group_dn: str, user_dn: str, attrs: di
         raise Unreachable(describe(exc)) from exc
 
 
-def lookup_person(directory: Directory, login_name: str) -> Person | None:
+def lookup_person(directory: Directory, login_name: str, *, by_address: bool = False) -> Person | None:
     """What the directory says of a login, searched as the service account (no password asked, no account
     made): the entry, its addresses and the groups that make roles. None when no entry matches. For `directory
-    test` and the directory page's test."""
+    test`, the directory page's test, and (`by_address`: the entry holding an address, by the recipient filter)
+    the re-check of an account that is logged in."""
     conn = connect(directory)
     try:
-        # Filled in as django-auth-ldap fills it at a login, so that the test finds what a login would.
-        filterstr = directory.user_filter % {"user": escape_filter_chars(login_name.strip())}
+        if by_address:
+            filterstr = directory.recipient_filter % {"address": escape_filter_chars(login_name.strip())}
+        else:
+            # Filled in as django-auth-ldap fills it at a login, so that the test finds what a login would.
+            filterstr = directory.user_filter % {"user": escape_filter_chars(login_name.strip())}
         try:
             found = conn.search_ext_s(directory.user_base, ldap.SCOPE_SUBTREE, filterstr, None,
                                       timeout=directory.timeout, sizelimit=2)

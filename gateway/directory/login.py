@@ -193,3 +193,26 @@ def _refresh(directory: Directory, user, addresses: list[str], *, admin: bool = 
                      target=f"user {user.get_username()}", directory=directory.name, role=role, addresses=own,
                      domains=domains)
     return user
+
+
+def recheck(user) -> bool:
+    """Whether a logged-in directory account is still what its directory says: its entry searched again (as the
+    service account, by its primary address) and its role and addresses refreshed. False when the directory no
+    longer holds it (or it no longer has an address of ours): the session ends. A directory that cannot be asked
+    changes nothing, an outage logs nobody out. IMAP servers say nothing between logins: True."""
+    profile = getattr(user, "mail_profile", None)
+    directory = profile.directory if profile is not None else None
+    if directory is None or directory.kind != Directory.Kind.LDAP:
+        return True
+    if not directory.active:
+        return False
+    try:
+        person = directory_ldap.lookup_person(directory, user.get_username(), by_address=True)
+    except directory_ldap.Unreachable as exc:
+        log.warning("directory %s cannot be reached to re-check %s: %s", directory.name, user.get_username(), exc)
+        return True
+    if person is None:
+        log.info("directory %s no longer holds %s: logged out", directory.name, user.get_username())
+        return False
+    return _refresh(directory, user, person.addresses, admin=person.admin, domain_admin=person.domain_admin,
+                    first_name=person.first_name, last_name=person.last_name) is not None

@@ -229,3 +229,29 @@ def test_names_longer_than_a_name_may_be_are_cut(ldap_directory, monkeypatch):
                         else real(attrs, name))
     carol = authenticate(username="carol", password=PASSWORDS["carol"], client_ip="192.0.2.1")
     assert carol is not None and len(User.objects.get(pk=carol.pk).last_name) == 150
+
+
+def test_an_open_session_follows_the_directory(ldap_directory, settings, tmp_path):
+    from tests.support.directory import modify, private_slapd
+
+    settings.DIRECTORY_RECHECK_SECONDS = 0  # every request searches again
+    with private_slapd(tmp_path / "slapd") as (url, stop, start):
+        Directory.objects.filter(pk=ldap_directory.pk).update(uri=url)
+        client, status = web_login("bob", PASSWORDS["bob"], ip="192.0.2.30")
+        assert status == 302 and client.get("/manage/users/").status_code == 200  # a domain administrator
+        # Out of the domain administrators' group, in the directory: the open session loses the role.
+        modify(url, "dn: cn=mail-domain-admins,ou=groups,dc=example,dc=edu\nchangetype: modify\n"
+                    "replace: member\nmember: uid=carol,ou=people,dc=example,dc=edu\n")
+        client.get("/account/")
+        assert client.get("/manage/users/").status_code == 403
+        assert role_of(User.objects.get(username="bob@example.edu")) == Role.USER
+        # The directory down: nothing changes, nobody is logged out.
+        stop()
+        assert logged_in_as(client) == "bob@example.edu"
+        start()  # a fresh copy of the test directory: bob is a domain administrator again
+        client.get("/account/")
+        assert client.get("/manage/users/").status_code == 200
+        # Gone from the directory: the session ends.
+        modify(url, "dn: uid=bob,ou=people,dc=example,dc=edu\nchangetype: delete\n")
+        response = client.get("/account/")
+        assert response.status_code == 302 and "/login/" in response["Location"]

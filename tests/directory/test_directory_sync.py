@@ -11,7 +11,7 @@ from django.contrib.auth import authenticate, get_user_model
 from django.core.management import CommandError, call_command
 
 from gateway.models import Directory, DirectoryAddress
-from tests.support.directory import PASSWORDS, PEOPLE, private_slapd
+from tests.support.directory import PASSWORDS, PEOPLE, modify, private_slapd
 
 
 def run(*args) -> tuple[str, str]:
@@ -57,17 +57,6 @@ def test_sync_disables_the_accounts_of_people_who_left(ldap_directory, tmp_path)
         _out, err = run("sync", "--disable-missing")
         assert "2 entries" in err and "disabled: carol@example.edu" in err
         assert not User.objects.get(username="carol@example.edu").is_active
-
-
-def modify(url: str, ldif: str) -> None:
-    """A change made in the directory by its own administrator (the rootdn of the test directory)."""
-    import os
-    import subprocess
-
-    subprocess.run(["ldapmodify", "-x", "-ZZ", "-H", url, "-D", "cn=admin,dc=example,dc=edu", "-w",
-                    "admin-test-secret"], input=ldif.encode(), check=True, capture_output=True, timeout=30,
-                   env={**os.environ, "LDAPTLS_CACERT": os.getenv("MAILGATE_TEST_CA") or
-                        "/var/lib/mailgate-test/tls/ca.pem"})
 
 
 def test_a_configuration_is_tested_in_words(ldap_directory):

@@ -164,3 +164,12 @@ def private_slapd(folder: Path):
         yield f"ldap://127.0.0.1:{ldap_port}", stop, start
     finally:
         stop()
+
+
+def modify(url: str, ldif: str) -> None:
+    """A change made in the directory by its own administrator (the rootdn of the test directory), with
+    ldapmodify over StartTLS: for a slapd of the test's own (private_slapd), never the shared one."""
+    tls_ca = os.getenv("MAILGATE_TEST_CA") or "/var/lib/mailgate-test/tls/ca.pem"
+    subprocess.run(["ldapmodify", "-x", "-ZZ", "-H", url, "-D", f"cn=admin,{BASE}", "-w", "admin-test-secret"],
+                   input=ldif.encode(), check=True, capture_output=True, timeout=30,
+                   env={**os.environ, "LDAPTLS_CACERT": tls_ca})
