@@ -10,14 +10,11 @@ import ssl
 from gateway.models import Directory
 
 from . import tls
+from .tls import Unreachable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"imap": 143, "imaps": 993}
-
-
-class Unreachable(Exception):
-    """The IMAP server could not be asked (down, too slow, no STARTTLS, a certificate that does not verify)."""
 
 
 def login(directory: Directory, address: str, password: str, client_ip: str | None = None) -> bool:

@@ -32,6 +32,7 @@ from gateway.access import canonical_domain
 from gateway.models import Directory
 
 from . import tls
+from .tls import Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ GROUP_CLASSES = {
     Directory.GroupType.POSIX: "(objectClass=posixGroup)",
     Directory.GroupType.ACTIVE_DIRECTORY: "(objectClass=group)",
 }
-
-
-class Unreachable(Exception):
-    """The directory could not be asked: down, too slow, TLS refused, or the service account refused."""
 
 
 def _text(value: bytes | str) -> str:

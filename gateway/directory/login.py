@@ -19,6 +19,7 @@ its administrators' group makes administrators.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
@@ -29,6 +30,7 @@ from gateway.models import Directory, Domain, UserProfile, record_audit
 
 from . import imap
 from . import ldap as directory_ldap
+from .tls import Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def claim_account(directory: Directory, addresses: list[str]):
     them in the directory's domains; (None, False) when none is, or when an account of that name is someone
     else's: a local one, or another directory's."""
     allowed = granted_domains(directory)
-    own = [a for a in addresses if address_domain(a) in allowed]
+    own = in_domains(addresses, allowed)
     if not own:
         log.warning("directory %s: %s has no address in %s; not logged in", directory.name,
                     addresses[0] if addresses else "an entry", ", ".join(sorted(allowed)) or "our domains")
@@ -116,7 +118,7 @@ def authenticate(request, login: str, password: str, client_ip: str | None = Non
                 user = _imap_login(directory, login, password, client_ip)
             else:
                 user = _ldap_login(directory, login, password, request)
-        except (directory_ldap.Unreachable, imap.Unreachable) as exc:
+        except Unreachable as exc:
             log.warning("directory %s cannot be reached for the login of %r: %s", directory.name, login[:100], exc)
             continue
         if user is not None:
@@ -142,6 +144,41 @@ def _imap_login(directory: Directory, login: str, password: str, client_ip: str 
     return _refresh(directory, user, [address])
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What a directory's word gives a person here: the addresses (primary first), the role and its domains, and
+    what is left out: addresses outside the directory's domains, and addresses another account has."""
+
+    addresses: list[str]
+    role: str
+    domains: list[str]
+    left_out: list[str]
+    taken: list[str]
+
+
+def in_domains(addresses: list[str], allowed: set[str]) -> list[str]:
+    return [a for a in addresses if address_domain(a) in allowed]
+
+
+def grant(directory: Directory, addresses: list[str], *, admin: bool = False, domain_admin: bool = False,
+          user_pk: int | None = None) -> Grant:
+    """The one reading of what a directory may give (docs/directory.md): addresses of its domains that are no
+    other account's; administrator only from a directory without a domain, else at most domain administrator of
+    the domains of those addresses. `user_pk`: the account it is for (its own addresses are not "taken")."""
+    allowed = granted_domains(directory)
+    ours = in_domains(addresses, allowed)
+    taken = owned_elsewhere(ours, user_pk)
+    own = [a for a in ours if a not in taken]
+    if admin and directory.domain_id is None:
+        role, domains = Role.ADMIN, []
+    elif (admin or domain_admin) and own:
+        role, domains = Role.DOMAIN_ADMIN, sorted({address_domain(a) for a in own})
+    else:
+        role, domains = Role.USER, []
+    return Grant(addresses=own, role=role, domains=domains, left_out=[a for a in addresses if a not in ours],
+                 taken=sorted(taken))
+
+
 def granted_domains(directory: Directory) -> set[str]:
     """The domains whose addresses, and whose administration, this directory may give."""
     if directory.domain_id is not None:
@@ -155,24 +192,16 @@ def _refresh(directory: Directory, user, addresses: list[str], *, admin: bool = 
     """Make the account what the directory says: its addresses in the directory's domains, its role and its
     domains. None (no login) when nothing the directory gives is an address of ours, or the account has been
     disabled here."""
-    allowed = granted_domains(directory)
-    own = [a for a in addresses if address_domain(a) in allowed]
-    taken = owned_elsewhere(own, user.pk)
-    if taken:
+    given = grant(directory, addresses, admin=admin, domain_admin=domain_admin, user_pk=user.pk)
+    if given.taken:
         log.warning("directory %s: %s is left out of %s: another account's", directory.name,
-                    ", ".join(sorted(taken)), user.get_username())
-    own = [a for a in own if a not in taken]
+                    ", ".join(given.taken), user.get_username())
+    own, role, domains = given.addresses, given.role, given.domains
     if not own:  # claim_account refused such a person before any account was made
         return None
     if user.pk is not None and not user.is_active:
         log.info("directory %s: %s is disabled here; not logged in", directory.name, user.get_username())
         return None
-    if admin and directory.domain_id is None:
-        role, domains = Role.ADMIN, []
-    elif admin or domain_admin:
-        role, domains = Role.DOMAIN_ADMIN, sorted({address_domain(a) for a in own} & allowed)
-    else:
-        role, domains = Role.USER, []
     user.email = own[0]
     user.first_name, user.last_name = first_name[:150], last_name[:150]
     user.is_superuser = user.is_staff = role == Role.ADMIN
@@ -208,7 +237,7 @@ def recheck(user) -> bool:
         return False
     try:
         person = directory_ldap.lookup_person(directory, user.get_username(), by_address=True)
-    except directory_ldap.Unreachable as exc:
+    except Unreachable as exc:
         log.warning("directory %s cannot be reached to re-check %s: %s", directory.name, user.get_username(), exc)
         return True
     if person is None:

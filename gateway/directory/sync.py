@@ -13,12 +13,13 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from gateway.access import Role, address_domain
-from gateway.models import Directory, DirectoryAddress, record_audit
+from gateway.access import Role
+from gateway.models import Directory, DirectoryAddress, UserProfile, record_audit
 
 from . import imap
 from . import ldap as directory_ldap
-from .login import granted_domains
+from .login import grant, granted_domains, in_domains
+from .tls import Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def sync(directory: Directory, *, disable_missing: bool = False, user=None) -> S
     result = SyncResult(directory=directory.name)
     allowed = granted_domains(directory)
     for entry in directory_ldap.entries(directory):
-        own = [a for a in entry.addresses if address_domain(a) in allowed]
+        own = in_domains(entry.addresses, allowed)
         if not own:
             continue
         result.entries += 1
@@ -106,7 +107,7 @@ def check(directory: Directory, *, login: str = "", password: str = "", address:
         if login and password:
             try:
                 ok = imap.login(directory, login.strip().lower(), password)
-            except imap.Unreachable as exc:
+            except Unreachable as exc:
                 return [CheckLine(False, f"cannot reach {directory.uri}: {exc}")]
             lines.append(CheckLine(True, f"connected to {directory.uri} over TLS, the certificate verified"))
             lines.append(CheckLine(ok, f"{login}: " + ("the server takes this password" if ok
@@ -117,7 +118,7 @@ def check(directory: Directory, *, login: str = "", password: str = "", address:
     try:
         conn = directory_ldap.connect(directory)
         conn.unbind_s()
-    except directory_ldap.Unreachable as exc:
+    except Unreachable as exc:
         return [CheckLine(False, f"cannot reach {directory.uri} or bind as "
                                  f"{directory.bind_dn or 'anonymous'}: {exc}")]
     how = "StartTLS" if directory_ldap.uses_start_tls(directory) else "LDAPS"
@@ -126,26 +127,24 @@ def check(directory: Directory, *, login: str = "", password: str = "", address:
     if login:
         try:
             person = directory_ldap.lookup_person(directory, login)
-        except directory_ldap.Unreachable as exc:
+        except Unreachable as exc:
             lines.append(CheckLine(False, f"{login}: the search failed: {exc}"))
             person = None
         else:
             if person is None:
                 lines.append(CheckLine(False, f"{login}: no entry matches {directory.user_filter}"))
         if person is not None:
-            allowed = granted_domains(directory)
-            own = [a for a in person.addresses if address_domain(a) in allowed]
-            other = [a for a in person.addresses if a not in own]
+            account = UserProfile.objects.filter(directory=directory, user__username__in=person.addresses).first()
+            given = grant(directory, person.addresses, admin=person.admin, domain_admin=person.domain_admin,
+                          user_pk=account.user_id if account is not None else None)
             lines.append(CheckLine(True, f"{login}: {person.dn}"))
-            lines.append(CheckLine(bool(own), "addresses: " + (", ".join(own) or "none in the domains this "
-                                                                               "directory speaks for")
-                                   + (f" (not ours, left out: {', '.join(other)})" if other else "")))
-            if person.admin and directory.domain_id is None:
-                role = Role.ADMIN.label
-            elif person.admin or person.domain_admin:
-                role = f"{Role.DOMAIN_ADMIN.label} of " + ", ".join(sorted({address_domain(a) for a in own}))
-            else:
-                role = Role.USER.label
+            lines.append(CheckLine(bool(given.addresses), "addresses: " + (
+                ", ".join(given.addresses) or "none in the domains this directory speaks for")
+                + (f" (not ours, left out: {', '.join(given.left_out)})" if given.left_out else "")
+                + (f" (another account's, left out: {', '.join(given.taken)})" if given.taken else "")))
+            role = Role(given.role).label
+            if given.role == Role.DOMAIN_ADMIN:
+                role += " of " + ", ".join(given.domains)
             lines.append(CheckLine(True, f"role: {role}"))
     if address:
         try:
@@ -154,7 +153,7 @@ def check(directory: Directory, *, login: str = "", password: str = "", address:
                 dn = directory_ldap.find_address(conn, directory, address.strip().lower())
             finally:
                 conn.unbind_s()
-        except directory_ldap.Unreachable as exc:
+        except Unreachable as exc:
             lines.append(CheckLine(False, f"<{address}>: the search failed: {exc}"))
         else:
             lines.append(CheckLine(dn is not None, f"<{address}>: " + (f"found, {dn}" if dn else

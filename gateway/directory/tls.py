@@ -18,6 +18,12 @@ from django.conf import settings
 from gateway.models import Directory
 
 
+class Unreachable(Exception):
+    """The directory could not be asked: down, too slow, TLS refused or not verified, the service account
+    refused, a configuration the client library cannot use. Never "no such user": the recipient check defers
+    on it instead of refusing mail for people who may exist, and a login fails with it logged as such."""
+
+
 def ca_file(directory: Directory) -> str | None:
     """The path of a file holding the directory's CA certificate(s), or None for the system's CAs."""
     pem = directory.ca_certificate.strip()
