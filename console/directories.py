@@ -95,11 +95,11 @@ def directory_edit(request: HttpRequest, directory_id: int) -> HttpResponse:
     return _form(request, get_object_or_404(Directory, pk=directory_id))
 
 
-def _form(request: HttpRequest, directory: Directory, *, results=None, check_form=None) -> HttpResponse:
+def _form(request: HttpRequest, directory: Directory) -> HttpResponse:
+    """The settings form: shown, or saved and audited."""
     creating = directory.pk is None
-    form = DirectoryForm(request.POST or None, instance=directory) if results is None else \
-        DirectoryForm(instance=directory)
-    if results is None and request.method == "POST" and form.is_valid():
+    form = DirectoryForm(request.POST or None, instance=directory)
+    if request.method == "POST" and form.is_valid():
         with transaction.atomic():
             directory = form.save()
             detail = _changes(form)
@@ -111,18 +111,24 @@ def _form(request: HttpRequest, directory: Directory, *, results=None, check_for
                        changes=detail)
         messages.success(request, f"Directory {directory.name} {'added' if creating else 'saved'}.")
         return redirect("manage:directory_edit", directory.pk)
-    addresses = None
-    if not creating:
-        query = request.GET.get("q", "").strip().lower()
+    return _render(request, directory, form, status=400 if form.is_bound else 200)
+
+
+def _render(request: HttpRequest, directory: Directory, form: DirectoryForm, *, results=None, check_form=None,
+            status: int = 200) -> HttpResponse:
+    """The directory's page: its test (with the results of one), its settings, and what it holds."""
+    addresses, count = None, 0
+    if directory.pk is not None:
         listed = DirectoryAddress.objects.filter(directory=directory)
+        count = listed.count()
+        query = request.GET.get("q", "").strip().lower()
         if query:
             listed = listed.filter(address__icontains=query)
         addresses = Paginator(listed.order_by("address"), 100).get_page(request.GET.get("page"))
     return _page(request, "manage/directory_form.html", {
-        "form": form, "directory": None if creating else directory, "check_form": check_form or CheckForm(),
-        "results": results, "addresses": addresses, "q": request.GET.get("q", ""),
-        "address_count": DirectoryAddress.objects.filter(directory=directory).count() if not creating else 0,
-    }, status=400 if form.is_bound and results is None else 200)
+        "form": form, "directory": directory if directory.pk is not None else None,
+        "check_form": check_form or CheckForm(), "results": results, "addresses": addresses,
+        "q": request.GET.get("q", ""), "address_count": count}, status=status)
 
 
 @login_required
@@ -137,8 +143,9 @@ def directory_check(request: HttpRequest, directory_id: int) -> HttpResponse:
         results = check(directory, login=data["login"], password=data["password"], address=data["address"])
     _audit(request, "directory_test", f"directory {directory.name}", login=check_form.data.get("login", "")[:320],
            address=check_form.data.get("address", "")[:320], ok=all(line.ok for line in results))
-    return _form(request, directory, results=results, check_form=CheckForm(initial={
-        "login": check_form.data.get("login", ""), "address": check_form.data.get("address", "")}))
+    return _render(request, directory, DirectoryForm(instance=directory), results=results,
+                   check_form=CheckForm(initial={"login": check_form.data.get("login", ""),
+                                                 "address": check_form.data.get("address", "")}))
 
 
 @login_required
