@@ -149,6 +149,20 @@ class Verdict(models.TextChoices):
     BLOCKED_SENDER = "blocked_sender", "Blocked sender"
 
 
+# Verdicts on the content itself, which no threshold, spam policy or list entry changes: a blocked sender's virus
+# stays a virus, and an allowed sender's unscannable message is held like anyone's.
+CONTENT_VERDICTS = (Verdict.VIRUS, Verdict.UNSCANNABLE, Verdict.BLOCKED_ATTACHMENT)
+
+
+def spam_verdict(score: float | None, spam_threshold: float, high_spam_threshold: float) -> str:
+    """A spam score read against thresholds: high spam, spam or clean (no score: clean)."""
+    if score is not None and score >= high_spam_threshold:
+        return Verdict.HIGH_SPAM
+    if score is not None and score >= spam_threshold:
+        return Verdict.SPAM
+    return Verdict.CLEAN
+
+
 class Action(models.TextChoices):
     DELIVER = "deliver", "Deliver"
     TAG = "tag", "Deliver tagged (subject prefix)"

@@ -60,7 +60,8 @@ class Applied:
     claimed: list[Recipient] | None = None
 
 
-def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings) -> Applied | None:
+def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettings,
+                  pending: list[Recipient] | None = None) -> Applied | None:
     """Write the scan's outcome: per-recipient verdict and action, and the message's state.
 
     Returns what is now due for delivery, its recipients already claimed for the caller, who delivers at
@@ -70,7 +71,8 @@ def apply_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSettin
     same order as every other writer of both, and nothing is written when the claim is lost.
     """
     now = timezone.now()
-    if lists_are_empty() and not spampolicy.any_policy():
+    domains = {r.domain for r in pending} if pending else None  # in hand on PostgreSQL; else any domain
+    if lists_are_empty() and not spampolicy.any_policy(domains):
         # No allow/block entry and no domain or user spam policy exists, so every pending recipient gets the
         # scan's own verdict: one UPDATE for all of them, without reading them (the path of nearly every
         # message).
@@ -115,7 +117,7 @@ def hold_verdict(message: Message, outcome: ScanOutcome, config: MailFlowSetting
     if not pending or not statements.joined() or not lists_are_empty():
         return None
     now = timezone.now()
-    if spampolicy.any_policy():
+    if spampolicy.any_policy({r.domain for r in pending}):
         # The recipients' policies are in memory (no list entry to read): held only when they agree.
         groups = verdicts_per_recipient(message, outcome, config, pending)
         if len(groups) != 1:

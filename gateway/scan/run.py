@@ -72,7 +72,7 @@ def run_scan(message_id: int) -> str:
         # fewer per message (gateway.scan.record.HeldVerdict).
         delivery.deliver(message, raw, recipient_count=recipient_count, held=held)
         return message.verdict
-    applied = record.apply_verdict(message, outcome, config)
+    applied = record.apply_verdict(message, outcome, config, pending)
     if applied is None:
         return "taken"  # the claim went stale and another worker scanned it meanwhile
     if applied.deliver:

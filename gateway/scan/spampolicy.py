@@ -14,14 +14,22 @@ from dataclasses import dataclass, replace
 from django.contrib.auth import get_user_model
 
 from gateway.access import address_domain
-from gateway.models import Action, Domain, DomainSpamPolicy, MailFlowSettings, UserProfile, UserSpamPolicy, Verdict
+from gateway.models import (
+    CONTENT_VERDICTS,
+    Action,
+    Domain,
+    DomainSpamPolicy,
+    MailFlowSettings,
+    UserProfile,
+    UserSpamPolicy,
+    Verdict,
+    spam_verdict,
+)
 from gateway.snapshot import Snapshot
 
 # The verdicts a spam policy decides. The others (a virus, a blocked attachment, an unscannable message, a
 # blocked sender) keep the global action whatever the policy.
 SPAM_VERDICTS = (Verdict.SPAM, Verdict.HIGH_SPAM)
-# The verdicts on the content itself, which no threshold changes (gateway.scan.verdict.CONTENT_VERDICTS).
-_CONTENT = (Verdict.VIRUS, Verdict.UNSCANNABLE, Verdict.BLOCKED_ATTACHMENT)
 
 
 @dataclass(frozen=True)
@@ -44,13 +52,9 @@ class SpamPolicy:
     def verdict(self, message_verdict: str, score: float | None) -> str:
         """This recipient's verdict on a message: the content verdicts as they are, the spam verdicts from
         the message's score with this policy's thresholds."""
-        if message_verdict in _CONTENT or score is None:
+        if message_verdict in CONTENT_VERDICTS or score is None:
             return message_verdict
-        if score >= self.high_spam_threshold:
-            return Verdict.HIGH_SPAM
-        if score >= self.spam_threshold:
-            return Verdict.SPAM
-        return Verdict.CLEAN
+        return spam_verdict(score, self.spam_threshold, self.high_spam_threshold)
 
     def action_for(self, verdict: str, config: MailFlowSettings) -> str:
         if verdict not in SPAM_VERDICTS:
@@ -103,23 +107,29 @@ class Policies:
 
 def _load() -> Policies:
     domains = {policy.domain.name: policy for policy in DomainSpamPolicy.objects.select_related("domain")}
-    users: dict[str, UserSpamPolicy] = {}
-    for policy in UserSpamPolicy.objects.select_related("user", "user__mail_profile").order_by("user_id"):
-        profile = getattr(policy.user, "mail_profile", None)
-        addresses = profile.all_addresses() if profile is not None else [policy.user.email.lower()]
-        for address in filter(None, addresses):
-            # An address two logins claim: the older login's policy, the same one every time.
-            users.setdefault(address, policy)
+    # Whose each address is, as the rest of the product reads it (gateway.access.addresses_of: a login without a
+    # mail profile owns none). An address two logins have is neither's to decide for: its domain's policy applies.
+    owners: dict[str, set[int]] = {}
+    for profile in UserProfile.objects.select_related("user").filter(user__is_active=True):
+        for address in profile.all_addresses():
+            owners.setdefault(address, set()).add(profile.user_id)
+    chosen = {policy.user_id: policy for policy in UserSpamPolicy.objects.all()}
+    users = {address: chosen[next(iter(ids))] for address, ids in owners.items()
+             if len(ids) == 1 and next(iter(ids)) in chosen}
     return Policies(domains, users)
 
 
 _policies = Snapshot(_load).clear_on_change(DomainSpamPolicy, UserSpamPolicy, UserProfile, Domain, get_user_model())
 
 
-def any_policy() -> bool:
-    """Whether any domain or user policy exists (read at most every CONFIG_CACHE_SECONDS)."""
+def any_policy(domains=None) -> bool:
+    """Whether a spam policy may decide for mail to these recipient domains (any domain, when not given): a
+    domain policy exists for one of them (a user's policy needs its domain's). Read at most every
+    CONFIG_CACHE_SECONDS."""
     policies = _policies.get()
-    return bool(policies.domains or policies.users)
+    if domains is None:
+        return bool(policies.domains)
+    return any(domain in policies.domains for domain in domains)
 
 
 def for_recipient(address: str, config: MailFlowSettings) -> SpamPolicy:
@@ -127,7 +137,7 @@ def for_recipient(address: str, config: MailFlowSettings) -> SpamPolicy:
     domain; the domain's; the global one. A user's policy needs a domain policy that lets users choose."""
     policy = global_policy(config)
     policies = _policies.get()
-    if not (policies.domains or policies.users):
+    if not policies.domains:
         return policy
     domain_name = address_domain(address)
     domain = policies.domains.get(domain_name)

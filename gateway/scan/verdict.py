@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 
 from gateway.mailbytes import first_received
-from gateway.models import Action, MailFlowSettings, Message, Recipient, Verdict
+from gateway.models import CONTENT_VERDICTS, Action, MailFlowSettings, Message, Recipient, Verdict, spam_verdict
 from gateway.policy.lists import list_decision
 
 from . import attachments, clamav, mime, spamassassin, spampolicy
@@ -24,9 +24,6 @@ log = logging.getLogger(__name__)
 # for it says otherwise.
 VERDICT_RANK = [Verdict.VIRUS, Verdict.UNSCANNABLE, Verdict.BLOCKED_ATTACHMENT, Verdict.BLOCKED_SENDER,
                 Verdict.HIGH_SPAM, Verdict.SPAM, Verdict.CLEAN]
-# Verdicts on the content itself, which no list entry changes: a blocked sender's virus stays a virus, and
-# an allowed sender's unscannable message is held like anyone's.
-CONTENT_VERDICTS = (Verdict.VIRUS, Verdict.UNSCANNABLE, Verdict.BLOCKED_ATTACHMENT)
 
 
 @dataclass
@@ -115,10 +112,8 @@ def scan(message: Message, raw: bytes, config: MailFlowSettings) -> ScanOutcome:
 
     if report.blocked:
         outcome.verdict = Verdict.BLOCKED_ATTACHMENT
-    elif outcome.spam_score is not None and outcome.spam_score >= config.high_spam_threshold:
-        outcome.verdict = Verdict.HIGH_SPAM
-    elif outcome.spam_score is not None and outcome.spam_score >= config.spam_threshold:
-        outcome.verdict = Verdict.SPAM
+    else:
+        outcome.verdict = spam_verdict(outcome.spam_score, config.spam_threshold, config.high_spam_threshold)
     return outcome
 
 

@@ -218,3 +218,21 @@ def test_recipients_whose_policies_agree_keep_the_two_statement_path(scored, pro
         assert len(ctx.captured_queries) == 2, ctx.captured_queries
     assert {r.policy for r in recipients_of(msg).values()} == {"domain example.org (spam 6, high spam 15)"}
     assert {r.status for r in recipients_of(msg).values()} == {Recipient.Status.DELIVERED}
+
+
+def test_an_address_two_logins_have_is_decided_by_its_domain(domains):
+    org, _ = domains
+    DomainSpamPolicy.objects.create(domain=org, users_may_choose=True, users_may_skip_quarantine=True)
+    ann = make_user("ann", email="ann@example.org", aliases="team@example.org")
+    make_user("ben", email="ben@example.org", aliases="team@example.org")
+    UserSpamPolicy.objects.create(user=ann, spam_threshold=50.0, skip_quarantine=True)
+    assert policy_for("ann@example.org").source == "user ann@example.org"
+    # team@ is ben's mail too: ann's choice does not decide for it.
+    assert policy_for("team@example.org").source == "domain example.org"
+
+
+def test_a_policy_of_one_domain_does_not_reach_the_mail_of_another(domains):
+    org, net = domains
+    DomainSpamPolicy.objects.create(domain=org, spam_threshold=3.0)
+    assert spampolicy.any_policy(["example.org"]) and not spampolicy.any_policy(["example.net"])
+    assert spampolicy.any_policy()
