@@ -210,7 +210,9 @@ class ThrottledModelBackend(ModelBackend):
             record_failure(username, ip)
             if request is not None:
                 maillog.web_login_failed(client_ip=ip, username=str(username))
-        else:
+        elif not has_second_factor(user):
+            # With a second factor the login is not done yet: its code step clears the count when the code passes.
+            # Cleared here, a right password would start every round of code guesses afresh.
             record_success(username, ip)
         return user
 
@@ -219,6 +221,13 @@ class ThrottledModelBackend(ModelBackend):
         from django.contrib.auth import get_user_model
 
         return get_user_model().USERNAME_FIELD
+
+
+def has_second_factor(user) -> bool:
+    """Whether the login has a confirmed two-factor device (django_otp's, as the web login asks for)."""
+    from django_otp import user_has_device  # loaded when a login succeeds, not as the SMTP process starts
+
+    return user_has_device(user, confirmed=True)
 
 
 def client_address(request) -> str | None:

@@ -58,19 +58,12 @@ def check_login(login: str, password: str, client_ip: str | None = None) -> Logi
     if user is None or not user.is_active:
         # Throttled meanwhile (by another process's failures), or this failure reached a limit.
         return LoginCheck(None, throttled=throttle.refusal(username, client_ip) is not None)
-    if settings.TWO_FACTOR_REFUSE_SMTP_AUTH and has_second_factor(user):
+    if settings.TWO_FACTOR_REFUSE_SMTP_AUTH and throttle.has_second_factor(user):
         # The password was right (not counted as a failure), but this login's password is not enough here.
         log.info("AUTH refused for %s from %s: two-factor login is set up (TWO_FACTOR_REFUSE_SMTP_AUTH)",
                  user.get_username(), client_ip)
         return LoginCheck(None)
     return LoginCheck(user.get_username())
-
-
-def has_second_factor(user) -> bool:
-    """Whether the login has a confirmed two-factor device (django_otp's, as the web login asks for)."""
-    from django_otp import user_has_device  # only when the setting asks: the SMTP process loads it late
-
-    return user_has_device(user, confirmed=True)
 
 
 def throttled_reply(client_ip: str | None) -> str:

@@ -108,6 +108,18 @@ def test_a_wrong_code_counts_as_a_failed_login_and_locks_out(personas):
     assert response.status_code == 302 and logged_in(other)
 
 
+def test_the_right_password_again_does_not_start_the_code_guesses_afresh(personas):
+    device, _codes = enrol(personas.alice)
+    wrong = code_at(device.bin_key, now_step() + 10)
+    for _round in range(2):
+        response, client = password_step("alice")  # the right password each time
+        for _ in range(3):
+            code_step(client, wrong)
+    # Six wrong codes over two rounds of the password, from one address: locked (the limit is five).
+    response, client = password_step("alice")
+    assert THROTTLED in response.content.decode() and not logged_in(client)
+
+
 def test_wrong_passwords_lock_the_second_step(personas):
     device, _codes = enrol(personas.alice)
     response, client = password_step("alice")
