@@ -39,6 +39,7 @@ from django.utils.crypto import salted_hmac
 from django.views.decorators.http import require_POST
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from gateway import throttle
 from gateway.access import is_admin
 from gateway.models import record_audit
 
@@ -220,23 +221,33 @@ class ConfirmForm(forms.Form):
                                                          "autocapitalize": "none"}))
 
 
-class DisableForm(forms.Form):
+class ReauthForm(forms.Form):
+    """A current code or the password again, before the second factor is turned off or new recovery codes are
+    made: a session left open is not enough for either. Behind the login throttle like the login itself: a
+    throttled username or address is refused, a wrong answer counts as a failed login."""
+
     code = forms.CharField(label="A current code from the app", max_length=12, required=False,
                            widget=forms.TextInput(attrs={"autocomplete": "one-time-code", "inputmode": "numeric"}))
     password = forms.CharField(label="or your password", required=False,
                                widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}))
 
-    def __init__(self, *args, user, **kwargs):
+    def __init__(self, *args, user, ip: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.user = user
+        self.user, self.ip = user, ip
 
     def clean(self):
+        from .login import throttled_text
+
         data = super().clean()
+        username = self.user.get_username()
+        if throttle.refusal(username, self.ip):
+            raise forms.ValidationError(throttled_text(), code="throttled")
         code, password = (data.get("code") or "").strip(), data.get("password") or ""
         if code and verify_totp(self.user, code) is not None:
             return data
         if password and self.user.check_password(password):
             return data
+        throttle.record_failure(username, self.ip)
         raise forms.ValidationError("Enter a current code from your app, or your password.")
 
 
@@ -248,7 +259,8 @@ def _page(request: HttpRequest, *, status: int = 200, codes: list[str] | None = 
         "device": device, "setup": setup, "required": required_for(user), "new_codes": codes,
         "codes_left": recovery_codes_left(user) if device else 0,
         "confirm_form": forms_.get("confirm_form") or ConfirmForm(),
-        "disable_form": forms_.get("disable_form") or DisableForm(user=user),
+        "disable_form": forms_.get("disable_form") or ReauthForm(user=user),
+        "codes_form": forms_.get("codes_form") or ReauthForm(user=user),
     }
     if setup is not None:
         secret = base32_secret(setup)
@@ -303,6 +315,9 @@ def recovery_codes(request: HttpRequest) -> HttpResponse:
     user = request.user
     if confirmed_device(user) is None:
         return redirect("two_factor")
+    form = ReauthForm(request.POST, user=user, ip=client_ip(request))
+    if not form.is_valid():
+        return _page(request, status=400, codes_form=form)
     codes = new_recovery_codes(user)
     record_audit("two_factor_recovery_codes", user=user, ip=client_ip(request), target=user.get_username())
     return _page(request, codes=codes)
@@ -314,7 +329,7 @@ def disable(request: HttpRequest) -> HttpResponse:
     user = request.user
     if confirmed_device(user) is None:
         return redirect("two_factor")
-    form = DisableForm(request.POST, user=user)
+    form = ReauthForm(request.POST, user=user, ip=client_ip(request))
     if not form.is_valid():
         return _page(request, status=400, disable_form=form)
     remove(user)

@@ -264,6 +264,8 @@ def test_new_recovery_codes_replace_the_old_ones(personas):
     password_step("alice", client=client)
     code_step(client, fresh_code(device))
     response = client.post(reverse("two_factor_recovery_codes"))
+    assert response.status_code == 400 and 'id="new-codes"' not in response.content.decode()  # not without asking
+    response = client.post(reverse("two_factor_recovery_codes"), {"password": PASSWORD})
     shown = response.content.decode().split('id="new-codes">', 1)[1].split("</ul>", 1)[0]
     new = [item.split("</li>")[0] for item in shown.split("<li>")[1:]]
     assert len(new) == 10
@@ -279,13 +281,28 @@ def test_turning_it_off_needs_a_code_or_the_password(personas):
     code_step(client, fresh_code(device))
     response = client.post(reverse("two_factor_disable"), {"password": "wrong password", "code": "123456"})
     assert response.status_code == 400 and twofactor.confirmed_device(personas.alice) is not None
-    response = client.post(reverse("two_factor_disable"), {"password": PASSWORD})
+    response = client.post(reverse("two_factor_disable"), {"code": "000000"})
+    assert response.status_code == 400 and twofactor.confirmed_device(personas.alice) is not None
+    response = client.post(reverse("two_factor_disable"), {"code": fresh_code(device)})
     assert response.status_code == 302
     assert not TOTPDevice.objects.filter(user=personas.alice).exists()
     assert not RecoveryCode.objects.filter(user=personas.alice).exists()
     assert "two_factor_disable" in actions("alice")
     response, _other = password_step("alice")
     assert response["Location"] == reverse("dashboard")
+
+
+def test_guesses_on_the_settings_page_count_in_the_throttle(personas):
+    device, _codes = enrol(personas.alice)
+    client = Client()
+    password_step("alice", client=client)
+    code_step(client, fresh_code(device))
+    for _ in range(5):
+        assert client.post(reverse("two_factor_disable"), {"password": "guess"}).status_code == 400
+    # Locked now, the right password too, here and at the login.
+    response = client.post(reverse("two_factor_disable"), {"password": PASSWORD})
+    assert response.status_code == 400 and THROTTLED in response.content.decode()
+    assert twofactor.confirmed_device(personas.alice) is not None
 
 
 # --- Required for administrators ----------------------------------------------------------------------------------
