@@ -337,22 +337,27 @@ class UserSpamPolicy(models.Model):
 
 
 class MessageQuerySet(models.QuerySet):
-    def visible_to(self, user) -> MessageQuerySet:
+    def visible_to(self, user, *, received: tuple | None = None) -> MessageQuerySet:
         """The messages this user may see: the one scoping rule of the whole product.
 
         Administrators see all; a domain administrator the mail to or from their domains; a user the
         mail to or from their own addresses. Anyone else sees nothing.
+
+        `received` = (start, end), end exclusive: only the messages received in that window. For a user it
+        is applied inside the index look-ups (recipient address and time, envelope sender and time), so a
+        day of a busy mailbox is read without its whole history.
         """
         role = role_of(user)
+        window = Q(received_at__gte=received[0], received_at__lt=received[1]) if received else Q()
         if role == Role.ADMIN:
-            return self
+            return self.filter(window)
         if role == Role.DOMAIN_ADMIN:
             domains = domains_of(user)
             if not domains:
                 return self.none()
             # EXISTS, not "id IN (subquery)": inside an OR, PostgreSQL re-runs an IN subquery per row
             # once it outgrows memory (minutes at a million messages); EXISTS uses the recipient index.
-            return self.filter(
+            return self.filter(window).filter(
                 Q(sender_domain__in=domains)
                 | Exists(Recipient.objects.filter(message_id=OuterRef("pk"), domain__in=domains))
             )
@@ -361,9 +366,53 @@ class MessageQuerySet(models.QuerySet):
         addresses = addresses_of(user)
         if not addresses:
             return self.none()
-        mine = (Message.objects.filter(envelope_sender__in=addresses).order_by().values("pk")
-                .union(Recipient.objects.filter(address__in=addresses).order_by().values("message_id"), all=True))
-        return self.filter(pk__in=mine)
+        own = Recipient.objects.filter(address__in=addresses)
+        if received:
+            own = own.filter(received_at__gte=received[0], received_at__lt=received[1])
+        mine = (Message.objects.filter(window, envelope_sender__in=addresses).order_by().values("pk")
+                .union(own.order_by().values("message_id"), all=True))
+        return self.filter(window, pk__in=mine)
+
+    def newest_visible_parts(self, user) -> list[MessageQuerySet] | None:
+        """A user's messages as parts that each come newest first from one index, for paging in time order:
+        per address, the mail sent from it (envelope sender, received_at) and the mail to it (the recipient's
+        own address and received_at). Each part is annotated `_sort`: the time its index is ordered by.
+
+        Together the parts hold exactly `visible_to(user)`; a message can be in several (from and to the
+        same person), so whoever merges them drops the repeats. None for anyone but a user: one query over
+        `visible_to` is already served in time order by the message's own index.
+        """
+        if role_of(user) != Role.USER:
+            return None
+        parts = []
+        for address in addresses_of(user):
+            parts.append(self.filter(envelope_sender=address).annotate(_sort=models.F("received_at")))
+            # The recipient's received_at, not the message's: only it is in the index the part is read from.
+            parts.append(self.filter(recipients__address=address)
+                         .annotate(_sort=models.F("recipients__received_at")))
+        return parts
+
+
+def keyset_rows(parts: list[models.QuerySet], *, descending: bool, beyond: tuple | None, limit: int) -> list:
+    """Up to `limit` messages of the parts (querysets each annotated `_sort`) in (_sort, id) order, descending
+    or ascending, strictly beyond the key (sort value, id) when one is given; a message in several parts once.
+
+    Each part reads only its first `limit` rows, which is enough: a message among the first `limit` of the
+    whole is among the first `limit` of every part that holds it.
+    """
+    found: dict[int, object] = {}
+    order = ("-_sort", "-id") if descending else ("_sort", "id")
+    for part in parts:
+        if beyond is not None:
+            value, pk = beyond
+            part = part.filter(Q(_sort__lt=value) | Q(_sort=value, id__lt=pk) if descending
+                               else Q(_sort__gt=value) | Q(_sort=value, id__gt=pk))
+        for row in part.order_by(*order)[:limit]:
+            found.setdefault(row.pk, row)
+    rows = list(found.values())
+    if len(parts) > 1:
+        rows.sort(key=lambda row: (row._sort, row.pk), reverse=descending)
+    return rows[:limit]
 
 
 def new_queue_id() -> str:
@@ -492,6 +541,19 @@ class Message(models.Model):
         return bool(changed)
 
 
+def _stamp_received(recipient: Recipient) -> None:
+    if recipient.received_at is None and recipient.message_id is not None:
+        recipient.received_at = recipient.message.received_at
+
+
+class RecipientQuerySet(models.QuerySet):
+    def bulk_create(self, objs, *args, **kwargs):
+        objs = list(objs)
+        for obj in objs:
+            _stamp_received(obj)
+        return super().bulk_create(objs, *args, **kwargs)
+
+
 class Recipient(models.Model):
     """One envelope recipient of a message, with its own verdict and delivery status."""
 
@@ -508,8 +570,13 @@ class Recipient(models.Model):
         REFUSED = "refused", "Refused at SMTP time"
         HELD = "held", "On hold in the mail queue (not delivered until released)"
 
+    objects = RecipientQuerySet.as_manager()
+
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="recipients")
     address = models.CharField(max_length=320, db_index=True)
+    # The message's received_at, copied: a user's mail in time order is read from one index on
+    # (address, received_at) instead of from all their messages sorted (reports' migration 0005).
+    received_at = models.DateTimeField(null=True, blank=True)
     domain = models.CharField(max_length=253, db_index=True)
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.PENDING)
     verdict = models.CharField(max_length=20, choices=Verdict.choices, blank=True)
@@ -540,6 +607,7 @@ class Recipient(models.Model):
     def save(self, *args, **kwargs):
         if not self.domain and "@" in self.address:
             self.domain = self.address.rsplit("@", 1)[1].lower()
+        _stamp_received(self)
         super().save(*args, **kwargs)
 
 

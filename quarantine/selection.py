@@ -23,7 +23,18 @@ def quarantine_of(user) -> QuerySet[Message]:
     """The quarantined messages this user may see, always through the one scoping function: those with a copy
     still held for them, and those they see as their sender only. A message whose copies for them are released
     or deleted leaves their quarantine, though other recipients' copies keep it in the quarantine."""
-    held = Message.objects.visible_to(user).filter(state=Message.State.QUARANTINED)
+    return _held_for(Message.objects.visible_to(user), user)
+
+
+def quarantine_parts(user) -> list[QuerySet[Message]] | None:
+    """`quarantine_of(user)` as parts that each come newest first from one index (a user's: see
+    `MessageQuerySet.newest_visible_parts`), for paging; None when one query already does."""
+    parts = Message.objects.newest_visible_parts(user)
+    return None if parts is None else [_held_for(part, user) for part in parts]
+
+
+def _held_for(seen: QuerySet[Message], user) -> QuerySet[Message]:
+    held = seen.filter(state=Message.State.QUARANTINED)
     if role_of(user) == Role.ADMIN:
         return held  # every copy is theirs: a quarantined message has one held
     theirs = recipients_in_scope(Recipient.objects.filter(message_id=OuterRef("pk")), user)

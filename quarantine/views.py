@@ -16,7 +16,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import F, Prefetch, QuerySet, prefetch_related_objects
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -25,13 +25,13 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from console.http import client_ip
 from gateway.access import Role, role_of
-from gateway.models import Message, Recipient, SenderListEntry, record_audit
+from gateway.models import Message, Recipient, SenderListEntry, keyset_rows, record_audit
 
 from . import actions
 from .bulk import advance_if_due, start_bulk_job
 from .forms import BulkForm, ListEntryForm, QuarantineFilterForm, ReleaseForm, SenderFromMessageForm
 from .models import BulkJob
-from .selection import acts_for_a_recipient, held_recipients_for, list_entries_for, quarantine_of
+from .selection import acts_for_a_recipient, held_recipients_for, list_entries_for, quarantine_of, quarantine_parts
 
 PAGE_SIZE = 50
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -97,21 +97,19 @@ def _parse_cursor(value: str | None) -> tuple[datetime, int] | None:
         return None
 
 
-def _keyset_page(qs: QuerySet[Message], request: HttpRequest) -> tuple[list[Message], str | None, str | None]:
-    """One page of `qs`, newest first, with the cursors of the older and the newer page (None: no such page)."""
+def _keyset_page(qs: QuerySet[Message], request: HttpRequest, parts: list[QuerySet[Message]] | None = None
+                 ) -> tuple[list[Message], str | None, str | None]:
+    """One page of `qs` (or of its `parts`, see `quarantine_parts`), newest first, with the cursors of the
+    older and the newer page (None: no such page)."""
     after, before = _parse_cursor(request.GET.get("after")), _parse_cursor(request.GET.get("before"))
+    parts = parts or [qs.annotate(_sort=F("received_at"))]
     if before:
-        at, pk = before
-        rows = list(qs.filter(Q(received_at__gt=at) | Q(received_at=at, pk__gt=pk))
-                    .order_by("received_at", "pk")[:PAGE_SIZE + 1])
+        rows = keyset_rows(parts, descending=False, beyond=before, limit=PAGE_SIZE + 1)
         has_newer = len(rows) > PAGE_SIZE
         rows = rows[:PAGE_SIZE][::-1]
         has_older = True
     else:
-        if after:
-            at, pk = after
-            qs = qs.filter(Q(received_at__lt=at) | Q(received_at=at, pk__lt=pk))
-        rows = list(qs.order_by("-received_at", "-pk")[:PAGE_SIZE + 1])
+        rows = keyset_rows(parts, descending=True, beyond=after, limit=PAGE_SIZE + 1)
         has_older = len(rows) > PAGE_SIZE
         rows = rows[:PAGE_SIZE]
         has_newer = after is not None
@@ -127,12 +125,14 @@ def _keyset_page(qs: QuerySet[Message], request: HttpRequest) -> tuple[list[Mess
 def index(request: HttpRequest) -> HttpResponse:
     form = QuarantineFilterForm(request.GET or None)
     qs = quarantine_of(request.user)
+    parts = quarantine_parts(request.user)
     if form.is_bound and form.is_valid():
         qs = form.apply(qs)
+        parts = parts and [form.apply(part) for part in parts]
     elif form.is_bound:
-        qs = qs.none()
-    page_qs = qs.prefetch_related(Prefetch("recipients", queryset=Recipient.objects.order_by("id")))
-    rows, older, newer = _keyset_page(page_qs, request)
+        qs, parts = qs.none(), None
+    rows, older, newer = _keyset_page(qs, request, parts)
+    prefetch_related_objects(rows, Prefetch("recipients", queryset=Recipient.objects.order_by("id")))
     filter_query = form.as_query()
     jobs = BulkJob.objects.filter(created_by=request.user, state=BulkJob.State.RUNNING)[:5]
     return render(request, "quarantine/index.html", {

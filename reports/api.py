@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from functools import wraps
 
+from django.db.models import prefetch_related_objects
 from django.http import Http404, JsonResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -23,7 +24,7 @@ from gateway.access import Role
 from gateway.models import Message, Recipient
 
 from . import stats
-from .filters import MessageFilterForm, apply_filters, paginate
+from .filters import MessageFilterForm, log_page
 from .models import ApiToken
 from .scope import viewer_for
 from .views import PeriodForm, message_for
@@ -103,10 +104,9 @@ def messages(request):
         limit = max(1, min(MAX_LIMIT, int(request.GET.get("limit", 50))))
     except ValueError:
         return _error(400, "limit must be a number")
-    qs = apply_filters(Message.objects.visible_to(request.user), form.cleaned_data).prefetch_related(
-        "recipients")
-    page = paginate(qs, form.sort_key, after=request.GET.get("after"), before=request.GET.get("before"),
-                    limit=limit)
+    page = log_page(request.user, form.cleaned_data, form.sort_key, after=request.GET.get("after"),
+                    before=request.GET.get("before"), limit=limit)
+    prefetch_related_objects(page.items, "recipients")
     base = request.GET.copy()
     for name in ("after", "before"):
         base.pop(name, None)

@@ -20,7 +20,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from gateway.models import Message, Recipient, Verdict
+from gateway.models import Message, Recipient, Verdict, keyset_rows
 
 PAGE_SIZE = 50
 # The null spam score (not scanned, refused) sorts below every real score.
@@ -96,13 +96,42 @@ def _address_filter(value: str, *, address_field: str, domain_field: str) -> Q:
     return Q(**{f"{address_field}__icontains": value})
 
 
-def apply_filters(qs: QuerySet, data: dict) -> QuerySet:
+def date_bounds(data: dict) -> tuple[datetime | None, datetime | None]:
+    """The filter's From and To dates as the start and the (exclusive) end of local days."""
     tz = timezone.get_current_timezone()
+    start = end = None
     if data.get("date_from"):
-        qs = qs.filter(received_at__gte=timezone.make_aware(datetime.combine(data["date_from"], time.min), tz))
+        start = timezone.make_aware(datetime.combine(data["date_from"], time.min), tz)
     if data.get("date_to"):
-        end = datetime.combine(data["date_to"] + timedelta(days=1), time.min)
-        qs = qs.filter(received_at__lt=timezone.make_aware(end, tz))
+        end = timezone.make_aware(datetime.combine(data["date_to"] + timedelta(days=1), time.min), tz)
+    return start, end
+
+
+def log_page(user, data: dict | None, sort: str, *, after: str | None = None, before: str | None = None,
+             limit: int = PAGE_SIZE) -> Page:
+    """One page of the message log of this user with these filters (None: the filters were not valid, an
+    empty page), built on `visible_to`; a user's pages in time order are read from their index-ordered
+    parts."""
+    if data is None:
+        return Page([], None, None)
+    qs = apply_filters(Message.objects.visible_to(user), data)
+    parts = Message.objects.newest_visible_parts(user)
+    if parts is not None:
+        start, end = date_bounds(data)
+        # The dates on the part's own time too, so that an old period is sought in the index, not reached
+        # by reading everything newer.
+        parts = [apply_filters(part, data).filter(*([Q(_sort__gte=start)] if start else []),
+                                                  *([Q(_sort__lt=end)] if end else []))
+                 for part in parts]
+    return paginate(qs, sort, after=after, before=before, limit=limit, parts=parts)
+
+
+def apply_filters(qs: QuerySet, data: dict) -> QuerySet:
+    start, end = date_bounds(data)
+    if start:
+        qs = qs.filter(received_at__gte=start)
+    if end:
+        qs = qs.filter(received_at__lt=end)
     if data.get("sender"):
         qs = qs.filter(_address_filter(data["sender"], address_field="envelope_sender",
                                        domain_field="sender_domain"))
@@ -208,31 +237,24 @@ def sort_value(message, field: str):
 
 
 def paginate(qs: QuerySet, sort: str, *, after: str | None = None, before: str | None = None,
-             limit: int = PAGE_SIZE) -> Page:
-    """One page of `qs` in `sort` order, after (older side) or before (newer side) a cursor."""
-    field, descending, _ = SORTS.get(sort, SORTS["-received"])
-    qs = qs.annotate(_sort=_sort_expression(field))
-    forward = ("-_sort", "-id") if descending else ("_sort", "id")
-    backward = ("_sort", "id") if descending else ("-_sort", "-id")
-    beyond, behind = ("lt", "gt") if descending else ("gt", "lt")
+             limit: int = PAGE_SIZE, parts: list[QuerySet] | None = None) -> Page:
+    """One page of `qs` in `sort` order, after (older side) or before (newer side) a cursor.
 
+    `parts` (`MessageQuerySet.newest_visible_parts` with the same filters applied): a user's messages as
+    several index-ordered parts, merged, for the sorts by time; `qs` answers the other sorts.
+    """
+    field, descending, _ = SORTS.get(sort, SORTS["-received"])
+    if parts is None or field != "received_at":
+        parts = [qs.annotate(_sort=_sort_expression(field))]
     if before and (key := decode_cursor(before, field)):
-        value, pk = key
-        rows = list(qs.filter(Q(**{f"_sort__{behind}": value}) | Q(_sort=value, id__gt=pk) if descending
-                              else Q(**{f"_sort__{behind}": value}) | Q(_sort=value, id__lt=pk))
-                    .order_by(*backward)[:limit + 1])
+        rows = keyset_rows(parts, descending=not descending, beyond=key, limit=limit + 1)
         has_prev = len(rows) > limit
         rows = list(reversed(rows[:limit]))
         has_next = True
     else:
-        if after and (key := decode_cursor(after, field)):
-            value, pk = key
-            qs = qs.filter(Q(**{f"_sort__{beyond}": value}) | Q(_sort=value, id__lt=pk) if descending
-                           else Q(**{f"_sort__{beyond}": value}) | Q(_sort=value, id__gt=pk))
-            has_prev = True
-        else:
-            has_prev = False
-        rows = list(qs.order_by(*forward)[:limit + 1])
+        key = decode_cursor(after, field) if after else None
+        has_prev = key is not None
+        rows = keyset_rows(parts, descending=descending, beyond=key, limit=limit + 1)
         has_next = len(rows) > limit
         rows = rows[:limit]
     next_cursor = encode_cursor(sort_value(rows[-1], field), rows[-1].pk) if rows and has_next else None

@@ -3,8 +3,9 @@
 Reports read roll-ups, not the raw log (DESIGN.md): `reports.rollup` recomputes the rows of the days that
 changed since its last run, every minute. A roll-up row belongs to a *scope*: "*" is all mail (what an
 administrator sees), a protected domain's name is the mail to or from that domain (what its domain
-administrators see). Users, whose volume is small, are answered from the raw log through
-`Message.objects.visible_to`.
+administrators see). A user's numbers are kept per address and day (`AddressStat`, and the score rows of
+`DailyTop`); what those rows do not hold (a user's top senders, the last 24 hours by hour) is read from their
+own messages of the period through `Message.objects.visible_to`, whose time window is served by an index.
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ from django.utils import timezone
 ALL_SCOPE = "*"
 
 
-class TrafficStat(models.Model):
-    """Counters of one hour of mail in one scope and direction."""
+class Counters(models.Model):
+    """The counters of a roll-up row: accepted messages by verdict, their volume, and the refusals."""
 
-    hour = models.DateTimeField(help_text="Start of the hour (UTC)")
-    scope = models.CharField(max_length=253, help_text='"*" for all mail, else a protected domain')
-    direction = models.CharField(max_length=10)
     messages = models.BigIntegerField(default=0, help_text="Accepted messages (refused attempts not counted)")
     clean = models.BigIntegerField(default=0)
     spam = models.BigIntegerField(default=0)
@@ -46,10 +44,40 @@ class TrafficStat(models.Model):
                 "refused_rbl", "refused_relay_denied")
 
     class Meta:
+        abstract = True
+
+
+class TrafficStat(Counters):
+    """Counters of one hour of mail in one scope and direction."""
+
+    hour = models.DateTimeField(help_text="Start of the hour (UTC)")
+    scope = models.CharField(max_length=253, help_text='"*" for all mail, else a protected domain')
+    direction = models.CharField(max_length=10)
+
+    class Meta:
         constraints = [models.UniqueConstraint(fields=["scope", "hour", "direction"], name="trafficstat_unique")]
 
     def __str__(self) -> str:
         return f"{self.scope} {self.hour:%Y-%m-%d %H}h {self.direction}: {self.messages}"
+
+
+class AddressStat(Counters):
+    """Counters of one local day of the mail from or to one address of a protected domain: a user's numbers,
+    kept as a domain's are (a user's dashboard and reports read these rows, not their messages).
+
+    Attempts refused as an unknown user are not counted here: the address was nobody's, and a dictionary
+    attack would otherwise leave a row for each address it tried.
+    """
+
+    day = models.DateField(help_text="Local date (TIME_ZONE)")
+    address = models.CharField(max_length=320)
+    direction = models.CharField(max_length=10)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["address", "day", "direction"], name="addressstat_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.address} {self.day} {self.direction}: {self.messages}"
 
 
 class DailyTop(models.Model):
@@ -66,7 +94,8 @@ class DailyTop(models.Model):
         SCORE = "score", "Spam score (whole points)"
 
     day = models.DateField(help_text="Local date (TIME_ZONE)")
-    scope = models.CharField(max_length=253)
+    # "*", a protected domain, or (for the score kind only: a user's score distribution) an address.
+    scope = models.CharField(max_length=320)
     kind = models.CharField(max_length=20, choices=Kind.choices)
     key = models.CharField(max_length=320)
     count = models.BigIntegerField(default=0)

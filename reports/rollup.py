@@ -33,7 +33,7 @@ from django.utils import timezone
 
 from gateway.models import Domain, Message, Recipient
 
-from .models import ALL_SCOPE, DailyTop, RollupState, RuleDescription, TrafficStat
+from .models import ALL_SCOPE, AddressStat, DailyTop, RollupState, RuleDescription, TrafficStat
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def refresh(*, force_all: bool = False) -> int:
             if force_all:
                 TrafficStat.objects.all().delete()
                 DailyTop.objects.all().delete()
+                AddressStat.objects.all().delete()
         else:
             since = state.last_run_at - OVERLAP
             changed = Message.objects.filter(Q(id__gt=state.last_message_id) | Q(received_at__gte=since)
@@ -117,6 +118,7 @@ def rebuild_days(days: Iterable[date], *, method: str | None = None) -> None:
         with transaction.atomic():
             TrafficStat.objects.filter(hour__gte=start, hour__lt=end).delete()
             DailyTop.objects.filter(day=day).delete()
+            AddressStat.objects.filter(day=day).delete()
             builder(day, start, end)
 
 
@@ -146,11 +148,8 @@ CREATE TEMP TABLE rollup_r ON COMMIT DROP AS
 SELECT r.message_id, left(lower(r.address), 320) AS address, left(lower(r.domain), 320) AS domain, m.size
 FROM gateway_recipient r JOIN rollup_m m ON m.id = r.message_id WHERE m.state <> 'refused'
 """
-_SQL_TRAFFIC = """
-INSERT INTO reports_trafficstat (hour, scope, direction, messages, clean, spam, high_spam, virus,
-    blocked_attachment, blocked_sender, unscannable, quarantined, volume, refused, refused_unknown_user,
-    refused_cant_resolve, refused_rbl, refused_relay_denied)
-SELECT date_trunc('hour', m.received_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', s.scope, m.direction,
+# The counters of a group of rollup_m rows m, in TrafficStat.COUNTERS order.
+_SQL_COUNTERS = """
     count(*) FILTER (WHERE m.state <> 'refused'),
     count(*) FILTER (WHERE m.state <> 'refused' AND m.verdict = 'clean'),
     count(*) FILTER (WHERE m.state <> 'refused' AND m.verdict = 'spam'),
@@ -166,8 +165,42 @@ SELECT date_trunc('hour', m.received_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', 
     count(*) FILTER (WHERE m.state = 'refused' AND m.refusal_reason = 'cant_resolve'),
     count(*) FILTER (WHERE m.state = 'refused' AND m.refusal_reason = 'rbl'),
     count(*) FILTER (WHERE m.state = 'refused' AND m.refusal_reason = 'relay_denied')
+"""
+_COUNTER_COLUMNS = ", ".join(TrafficStat.COUNTERS)
+_SQL_TRAFFIC = f"""
+INSERT INTO reports_trafficstat (hour, scope, direction, {_COUNTER_COLUMNS})
+SELECT date_trunc('hour', m.received_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', s.scope, m.direction,
+{_SQL_COUNTERS}
 FROM rollup_m m JOIN rollup_s s ON s.message_id = m.id
 GROUP BY 1, 2, 3
+"""
+# The addresses of protected domains a message is from or to (a user's numbers, AddressStat), but for an
+# attempt refused as an unknown user: that address was nobody's.
+_SQL_DAY_ADDRESSES = """
+CREATE TEMP TABLE rollup_a ON COMMIT DROP AS
+SELECT m.id AS message_id, left(m.sender, 320) AS address FROM rollup_m m
+JOIN gateway_domain d ON d.name = m.sender_domain
+WHERE position('@' IN m.sender) > 0 AND m.refusal_reason IS DISTINCT FROM 'unknown_user'
+UNION
+SELECT r.message_id, left(lower(r.address), 320) FROM gateway_recipient r JOIN rollup_m m ON m.id = r.message_id
+JOIN gateway_domain d ON d.name = lower(r.domain)
+WHERE m.refusal_reason IS DISTINCT FROM 'unknown_user'
+"""
+_SQL_ADDRESS_STATS = f"""
+INSERT INTO reports_addressstat (day, address, direction, {_COUNTER_COLUMNS})
+SELECT %(day)s, a.address, m.direction,
+{_SQL_COUNTERS}
+FROM rollup_m m JOIN rollup_a a ON a.message_id = m.id
+GROUP BY 2, 3
+"""
+_SQL_SCORE_BUCKET = f"least(greatest(floor(m.spam_score), {SCORE_MIN}), {SCORE_MAX})::int::text"
+# A user's score distribution: the one kind of top kept per address (the others per address would be as
+# large as the log itself; a user's are read from their messages of the period).
+_SQL_ADDRESS_SCORES = f"""
+INSERT INTO reports_dailytop (day, scope, kind, key, count, volume, score_sum)
+SELECT %(day)s, a.address, 'score', {_SQL_SCORE_BUCKET}, count(*), sum(m.size), 0
+FROM rollup_m m JOIN rollup_a a ON a.message_id = m.id
+WHERE m.state <> 'refused' AND m.spam_score IS NOT NULL GROUP BY 2, 4
 """
 _SQL_TOP_INSERT = "INSERT INTO reports_dailytop (day, scope, kind, key, count, volume, score_sum) "
 _SQL_TOPS = {
@@ -206,8 +239,7 @@ SELECT %(day)s, s.scope, 'refusal', coalesce(nullif(m.refusal_reason, ''), 'othe
 FROM rollup_m m JOIN rollup_s s ON s.message_id = m.id
 WHERE m.state = 'refused' GROUP BY 2, 4""",
     "score": f"""
-SELECT %(day)s, s.scope, 'score', least(greatest(floor(m.spam_score), {SCORE_MIN}), {SCORE_MAX})::int::text,
-       count(*), sum(m.size), 0
+SELECT %(day)s, s.scope, 'score', {_SQL_SCORE_BUCKET}, count(*), sum(m.size), 0
 FROM rollup_m m JOIN rollup_s s ON s.message_id = m.id
 WHERE m.state <> 'refused' AND m.spam_score IS NOT NULL GROUP BY 2, 4""",
 }
@@ -233,7 +265,7 @@ def _rebuild_day_sql(day: date, start: datetime, end: datetime) -> None:
         # PostgreSQL would spend more compiling the queries (JIT) than running them.
         cursor.execute("SET LOCAL jit = off")
         cursor.execute("SET LOCAL work_mem = '64MB'")  # hash the groupings in memory rather than sort them
-        cursor.execute("DROP TABLE IF EXISTS rollup_m, rollup_s, rollup_r")
+        cursor.execute("DROP TABLE IF EXISTS rollup_m, rollup_s, rollup_r, rollup_a")
         cursor.execute(_SQL_DAY_MESSAGES, params)
         # Statistics of the join keys only: analysing the JSON columns would cost more than the joins.
         cursor.execute("ANALYZE rollup_m (id, state)")
@@ -245,7 +277,11 @@ def _rebuild_day_sql(day: date, start: datetime, end: datetime) -> None:
         for select in _SQL_TOPS.values():
             cursor.execute(_SQL_TOP_INSERT + select, params)
         cursor.execute(_SQL_RULE_DESCRIPTIONS, params)
-        cursor.execute("DROP TABLE rollup_m, rollup_s, rollup_r")
+        cursor.execute(_SQL_DAY_ADDRESSES, params)
+        cursor.execute("ANALYZE rollup_a")
+        cursor.execute(_SQL_ADDRESS_STATS, params)
+        cursor.execute(_SQL_ADDRESS_SCORES, params)
+        cursor.execute("DROP TABLE rollup_m, rollup_s, rollup_r, rollup_a")
 
 
 # --- Any database (the reference implementation) -------------------------------------------------------------
@@ -296,6 +332,8 @@ class Accumulator:
         self.protected = protected
         self.traffic: dict[tuple, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TrafficStat.COUNTERS, 0))
         self.tops: dict[tuple, list] = defaultdict(lambda: [0, 0, 0.0])  # (day, scope, kind, key) -> c, v, s
+        # (day, address, direction) -> counters: the addresses of protected domains (AddressStat).
+        self.addresses: dict[tuple, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TrafficStat.COUNTERS, 0))
         self.descriptions: dict[str, tuple[str, float | None]] = {}
         # Looked up once: timezone.localtime() per message costs more than the rest of add().
         self.tz = timezone.get_current_timezone()
@@ -321,21 +359,22 @@ class Accumulator:
             if old is None or (text and not old[0]):
                 self.descriptions[name] = (text, score)
         tops = self.tops
+        if self.protected and m["refusal_reason"] != "unknown_user":
+            sender = (m["envelope_sender"] or "").lower()
+            addresses = {address for address, domain in rcpts if domain in self.protected}
+            if "@" in sender and sender_domain in self.protected:
+                addresses.add(sender[:320])
+            for address in addresses:
+                self._count(self.addresses[(day, address[:320], m["direction"])], m, refused, size)
+                if not refused and m["spam_score"] is not None:
+                    top = tops[(day, address[:320], "score", str(score_bucket(m["spam_score"])))]
+                    top[0] += 1
+                    top[1] += size
         for scope in scopes:
-            t = self.traffic[(hour, scope, m["direction"])]
+            self._count(self.traffic[(hour, scope, m["direction"])], m, refused, size)
             if refused:
-                t["refused"] += 1
-                column = REFUSAL_COLUMNS.get(m["refusal_reason"])
-                if column:
-                    t[column] += 1
                 tops[(day, scope, "refusal", m["refusal_reason"] or "other")][0] += 1
                 continue
-            t["messages"] += 1
-            t["volume"] += size
-            if m["verdict"] in VERDICTS:
-                t[m["verdict"]] += 1
-            if m["quarantined"]:
-                t["quarantined"] += 1
             keys = [("sender", (m["envelope_sender"] or "").lower()[:320] or "<>"),
                     ("sender_domain", sender_domain[:320] or "<>")]
             keys += [("recipient", address[:320]) for address, _ in rcpts]
@@ -355,6 +394,22 @@ class Accumulator:
                     top[2] += rule["score"]
 
 
+    @staticmethod
+    def _count(t: dict[str, int], m: dict, refused: bool, size: int) -> None:
+        if refused:
+            t["refused"] += 1
+            column = REFUSAL_COLUMNS.get(m["refusal_reason"])
+            if column:
+                t[column] += 1
+            return
+        t["messages"] += 1
+        t["volume"] += size
+        if m["verdict"] in VERDICTS:
+            t[m["verdict"]] += 1
+        if m["quarantined"]:
+            t["quarantined"] += 1
+
+
 def _rebuild_day_python(day: date, start: datetime, end: datetime) -> None:
     acc = Accumulator(set(Domain.objects.values_list("name", flat=True)))
     for m, rcpts in iter_with_recipients(Message.objects.filter(received_at__gte=start, received_at__lt=end)):
@@ -365,6 +420,9 @@ def _rebuild_day_python(day: date, start: datetime, end: datetime) -> None:
     DailyTop.objects.bulk_create(
         [DailyTop(day=top_day, scope=scope, kind=kind, key=key, count=c, volume=v, score_sum=s)
          for (top_day, scope, kind, key), (c, v, s) in acc.tops.items()], batch_size=2000)
+    AddressStat.objects.bulk_create(
+        [AddressStat(day=stat_day, address=address, direction=direction, **counters)
+         for (stat_day, address, direction), counters in acc.addresses.items()], batch_size=2000)
     for name, (text, score) in acc.descriptions.items():
         existing = RuleDescription.objects.filter(name=name).first()
         if existing is None:

@@ -1,8 +1,11 @@
 """Numbers for the dashboard, the reports and the API, scoped to the viewer.
 
-Each function answers from the roll-ups for administrators and domain administrators (`Viewer.scopes`) and,
-for users, from their own messages (through `Message.objects.visible_to`) rolled up on the fly by the same
-Python arithmetic the roll-up uses on SQLite (`reports.rollup.Accumulator`), once per window and request.
+Each function answers from the roll-ups for administrators and domain administrators (`Viewer.scopes`) and
+for users from the rows of their addresses (`Viewer.addresses`: days and score distribution). What those rows
+do not hold (a user's hours, top senders, rules…; everything for a user with an address outside the
+protected domains) comes from their own messages of the window (through `Message.objects.visible_to`),
+rolled up on the fly by the same Python arithmetic the roll-up uses on SQLite
+(`reports.rollup.Accumulator`), once per window and request.
 Both paths return the same shapes, so pages and exports do not care which one answered.
 """
 
@@ -18,7 +21,7 @@ from django.utils import timezone
 
 from gateway.models import Message
 
-from .models import DailyTop, RuleDescription, TrafficStat
+from .models import AddressStat, DailyTop, RuleDescription, TrafficStat
 from .rollup import SCORE_MAX, SCORE_MIN, Accumulator, day_bounds, iter_with_recipients
 from .scope import Viewer
 
@@ -57,9 +60,8 @@ class LiveRollup:
     def __init__(self, viewer: Viewer, start: datetime, end: datetime, *, details: bool):
         self.start, self.end, self.details = start, end, details
         self.acc = Accumulator()
-        for message, recipients in iter_with_recipients(
-                viewer.messages().filter(received_at__gte=start, received_at__lt=end), details=details,
-                stream=False):
+        for message, recipients in iter_with_recipients(viewer.messages(received=(start, end)), details=details,
+                                                        stream=False):
             self.acc.add(message, recipients)
 
     def covers(self, start: datetime, end: datetime, details: bool) -> bool:
@@ -67,6 +69,8 @@ class LiveRollup:
 
 
 DETAIL_KINDS = {"recipient", "recipient_domain", "rule", "virus"}
+# The kinds of top the roll-up keeps per address (reports.rollup: the others would be as large as the log).
+ADDRESS_KINDS = {DailyTop.Kind.SCORE}
 
 
 def _live(viewer: Viewer, start: datetime, end: datetime, *, details: bool = False) -> Accumulator:
@@ -79,9 +83,27 @@ def _live(viewer: Viewer, start: datetime, end: datetime, *, details: bool = Fal
 
 
 def warm(viewer: Viewer, period: Period, *, details: bool = False) -> None:
-    """Read a user's messages of the whole period once: the page's other numbers are parts of it."""
-    if not viewer.uses_rollups:
+    """Read the messages of a user without roll-up rows for the whole period once: the page's other numbers
+    are parts of it. Users with rows have their messages read only for what the rows do not hold."""
+    if not viewer.uses_rollups and not viewer.uses_address_rollups:
         _live(viewer, *period.bounds, details=details)
+
+
+def warm_recent(viewer: Viewer, hours: int = 24, now: datetime | None = None) -> None:
+    """For a user with roll-up rows, read their messages of the last `hours` hours and of today once: the
+    dashboard's hours, today's refusals and top senders are parts of it."""
+    if viewer.uses_address_rollups:
+        first, end = _recent_hours(hours, now)
+        today_start, today_end = Period.last_days(1).bounds
+        _live(viewer, min(first, today_start), max(end, today_end))
+
+
+def _recent_hours(hours: int, now: datetime | None) -> tuple[datetime, datetime]:
+    """The first hour of the last `hours` (the current one included) and the end of the current one, in UTC."""
+    # Hour arithmetic in UTC: a local day with a DST change has 23 or 25 hours.
+    now = (now or timezone.now()).astimezone(UTC)
+    last = now.replace(minute=0, second=0, microsecond=0)
+    return last - timedelta(hours=hours - 1), last + timedelta(hours=1)
 
 
 def _rollup_counters() -> dict:
@@ -110,17 +132,19 @@ def _traffic(viewer: Viewer, start: datetime, end: datetime, trunc) -> dict:
 
 def traffic_by_day(viewer: Viewer, period: Period) -> list[dict]:
     """One row per day of the period (days without mail included), oldest first."""
-    found = _traffic(viewer, *period.bounds, TruncDate)
+    if viewer.uses_address_rollups:
+        qs = (AddressStat.objects.filter(address__in=viewer.addresses, day__gte=period.start, day__lte=period.end)
+              .values("day").annotate(**_rollup_counters()).order_by())
+        found = {row.pop("day"): row for row in qs}
+    else:
+        found = _traffic(viewer, *period.bounds, TruncDate)
     return [{"day": day, **found.get(day, _empty())} for day in period.days()]
 
 
 def traffic_by_hour(viewer: Viewer, hours: int = 24, now: datetime | None = None) -> list[dict]:
     """One row per hour of the last `hours` hours (the current one included), oldest first."""
-    # Hour arithmetic in UTC: a local day with a DST change has 23 or 25 hours.
-    now = (now or timezone.now()).astimezone(UTC)
-    last = now.replace(minute=0, second=0, microsecond=0)
-    first = last - timedelta(hours=hours - 1)
-    found = _traffic(viewer, first, last + timedelta(hours=1), TruncHour)
+    first, end = _recent_hours(hours, now)
+    found = _traffic(viewer, first, end, TruncHour)
     slots = [first + timedelta(hours=i) for i in range(hours)]
     return [{"hour": timezone.localtime(t), **found.get(t, _empty())} for t in slots]
 
@@ -169,8 +193,10 @@ def _mailwatch_row(row: dict) -> dict:
 def top(viewer: Viewer, kind: str, period: Period, *, order: str = "count", limit: int = 10) -> list[dict]:
     """The top keys of one kind (sender, recipient_domain, rule, virus…) by message count or volume."""
     order_by = ["-volume" if order == "volume" else "-count", "key"]
-    if viewer.uses_rollups:
-        qs = (DailyTop.objects.filter(scope__in=viewer.scopes, kind=kind, day__gte=period.start,
+    scopes = viewer.scopes if viewer.uses_rollups else (
+        viewer.addresses if viewer.uses_address_rollups and kind in ADDRESS_KINDS else None)
+    if scopes is not None:
+        qs = (DailyTop.objects.filter(scope__in=scopes, kind=kind, day__gte=period.start,
                                       day__lte=period.end)
               .values("key").annotate(count=Sum("count"), volume=Sum("volume"), score_sum=Sum("score_sum"))
               .order_by(*order_by))

@@ -29,7 +29,7 @@ from gateway.mailqueue.listing import failing_routes
 from gateway.models import AuditEvent, Message, RawMessage, Recipient, Verdict, record_audit
 
 from . import exports, mailparse, stats
-from .filters import MessageFilterForm, apply_filters, paginate
+from .filters import MessageFilterForm, apply_filters, log_page
 from .models import DailyTop, SavedFilter
 from .rollup import day_bounds
 from .scope import can_download, is_admin, viewer_for
@@ -65,10 +65,12 @@ def dashboard(request):
     today = stats.Period.last_days(1)
     month = stats.Period.last_days(30)
     stats.warm(viewer, month)
+    stats.warm_recent(viewer, 24)
     hourly = stats.traffic_by_hour(viewer, 24)
     daily = stats.traffic_by_day(viewer, month)
     scores = stats.score_distribution(viewer, month)
-    latest = list(viewer.messages().order_by("-received_at", "-id").prefetch_related("recipients")[:10])
+    latest = log_page(request.user, {}, "-received", limit=10).items
+    prefetch_related_objects(latest, "recipients")
     charts = {
         "hourly": _series(hourly, "hour", "%H:00"),
         "daily": _series(daily, "day", "%d %b"),
@@ -102,13 +104,9 @@ def _filter_query(params: QueryDict) -> str:
 @require_GET
 def message_log(request):
     form = MessageFilterForm(request.GET or None)
-    qs = Message.objects.visible_to(request.user)
-    if form.is_bound and form.is_valid():
-        qs = apply_filters(qs, form.cleaned_data)
-    elif form.is_bound:
-        qs = qs.none()
+    data = (form.cleaned_data if form.is_valid() else None) if form.is_bound else {}
     sort = form.sort_key if form.is_bound else "-received"
-    page = paginate(qs, sort, after=request.GET.get("after"), before=request.GET.get("before"))
+    page = log_page(request.user, data, sort, after=request.GET.get("after"), before=request.GET.get("before"))
     prefetch_related_objects(page.items, Prefetch("recipients", queryset=Recipient.objects.order_by("id")))
     query = _filter_query(request.GET)
     return render(request, "reports/message_log.html", {

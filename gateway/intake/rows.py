@@ -144,7 +144,8 @@ def new_message(envelope: Arrival, data: bytes) -> tuple[dict, list[dict]]:
         mail_options=envelope.mail_options, size=len(data), checks=envelope.checks,
         added_headers=received_header(envelope, queue_id, received_at) + envelope.added_headers,
         **summarise_headers(data)))
-    recipients = [row_values(Recipient, address=address.lower(), domain=address.rsplit("@", 1)[-1].lower())
+    recipients = [row_values(Recipient, address=address.lower(), domain=address.rsplit("@", 1)[-1].lower(),
+                             received_at=received_at)
                   for address in envelope.recipients]
     return row_values(Message, **given), recipients
 

@@ -133,6 +133,8 @@ def check_stored(stored, recipients: int) -> None:
         assert bytes(RawMessage.objects.get(message=row).data) == message(n)
         assert sorted(row.recipients.values_list("address", "domain", "status")) == [
             (f"user{r}@example.org", "example.org", "pending") for r in range(recipients)]
+        # A user's mail is paged by the recipient's own copy of the time (reports' migration 0005).
+        assert set(row.recipients.values_list("received_at", flat=True)) == {row.received_at}
 
 
 def run_sync(func, *args):

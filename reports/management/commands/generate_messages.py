@@ -145,7 +145,7 @@ class Generator:
                       "envelope_sender": sender, "sender_domain": sender.rsplit("@", 1)[1], "helo": "unknown",
                       "completed_at": received}
             return fields, [{"address": rcpt, "domain": rcpt.rsplit("@", 1)[1], "status": "refused",
-                             "reply_code": int(REFUSAL_REPLIES[reason][:3]),
+                             "received_at": received, "reply_code": int(REFUSAL_REPLIES[reason][:3]),
                              "reply_text": REFUSAL_REPLIES[reason][4:]}], None
 
         verdict = rng.choices([v for v, _ in VERDICTS], weights=[w for _, w in VERDICTS])[0]
@@ -205,7 +205,7 @@ class Generator:
                   "completed_at": scanned + timedelta(seconds=rng.uniform(0.1, 2))}
         rcpt_status = "quarantined" if quarantined else "delivered"
         rcpts = [{"address": address, "domain": address.rsplit("@", 1)[1], "status": rcpt_status,
-                  "verdict": verdict, "action": action,
+                  "received_at": received, "verdict": verdict, "action": action,
                   "reply_code": 250 if not quarantined else None,
                   "reply_text": f"2.0.0 Ok: queued as {secrets.token_hex(5).upper()}" if not quarantined else "",
                   "attempts": 0 if quarantined else 1,
