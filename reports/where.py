@@ -10,18 +10,19 @@ Every message comes from `Message.objects.visible_to`: another login's mail does
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django import forms
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, OuterRef, prefetch_related_objects
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 
-from gateway.access import addresses_of, domains_of, may_release_virus, recipients_in_scope
+from gateway.access import acts_for, addresses_of, domains_of, may_release_virus
 from gateway.models import Message, Recipient, Verdict, keyset_rows
 
 from .views import message_for
@@ -124,7 +125,23 @@ def _forward_text(message: Message, recipient: str) -> str:
             + "\n\nPlease pass this on to whoever runs your mail, then send the message again. Thank you.\n")
 
 
-def explain(message: Message, recipient: Recipient | None, user) -> Answer:
+@dataclass(frozen=True)
+class Asker:
+    """Who asks, read once per page: the rules of gateway.access for the recipients of many messages."""
+
+    user: object
+    acts: Callable[[str, str], bool]  # for whom the login acts (recipients_in_scope)
+    addresses: frozenset[str]
+    domains: frozenset[str]
+    may_release_virus: bool
+
+    @classmethod
+    def of(cls, user) -> Asker:
+        return cls(user, acts_for(user), frozenset(addresses_of(user)), frozenset(domains_of(user)),
+                   may_release_virus(user))
+
+
+def explain(message: Message, recipient: Recipient | None, asker: Asker) -> Answer:
     address = recipient.address if recipient else ""
     if message.state == Message.State.REFUSED:
         check = message.get_refusal_reason_display() or "a check"
@@ -160,8 +177,8 @@ def explain(message: Message, recipient: Recipient | None, user) -> Answer:
         return Answer(address, "bounced", "Could not be delivered: the mail server kept answering with temporary "
                                           "errors until the queue gave up.", reply)
     if status == Recipient.Status.QUARANTINED:
-        mine = recipients_in_scope(Recipient.objects.filter(pk=recipient.pk), user).exists()
-        may = mine and (message.verdict != Verdict.VIRUS or may_release_virus(user))
+        mine = asker.acts(recipient.address, recipient.domain)
+        may = mine and (message.verdict != Verdict.VIRUS or asker.may_release_virus)
         since = _when(message.scanned_at or message.received_at)
         return Answer(address, "quarantined",
                       f"Held in the quarantine since {since}, because {_held_why(message, recipient)}.",
@@ -177,18 +194,18 @@ def explain(message: Message, recipient: Recipient | None, user) -> Answer:
     return Answer(address, status, recipient.get_status_display())
 
 
-def shown_recipients(message: Message, user) -> list[Recipient]:
+def shown_recipients(message: Message, asker: Asker) -> list[Recipient]:
     """The recipients of a message this login may hear about: those it acts for; all of them when the message
-    is its own (it sent it, or its domain did)."""
-    everyone = message.recipients.order_by("id")
-    own_sender = (message.envelope_sender.lower() in addresses_of(user)
-                  or message.sender_domain in domains_of(user))
-    return list(everyone if own_sender else recipients_in_scope(everyone, user))
+    is its own (it sent it, or its domain did). From `message.recipients.all()`, which a page of many
+    messages prefetches."""
+    everyone = sorted(message.recipients.all(), key=lambda r: r.pk)
+    own_sender = message.envelope_sender.lower() in asker.addresses or message.sender_domain in asker.domains
+    return everyone if own_sender else [r for r in everyone if asker.acts(r.address, r.domain)]
 
 
-def answers(message: Message, user) -> list[Answer]:
-    recipients = shown_recipients(message, user)
-    return [explain(message, r, user) for r in recipients] or [explain(message, None, user)]
+def answers(message: Message, asker: Asker) -> list[Answer]:
+    recipients = shown_recipients(message, asker)
+    return [explain(message, r, asker) for r in recipients] or [explain(message, None, asker)]
 
 
 class WhereForm(forms.Form):
@@ -212,6 +229,28 @@ class WhereForm(forms.Form):
         return max(since, until - MAX_WINDOW), until
 
 
+# The first slice of the window "Where is my mail?" reads for an administrator; each next one is this many
+# times longer, back to the window's start.
+FIRST_SLICE = timedelta(minutes=30)
+SLICE_GROWTH = 2
+
+
+def _newest_first(qs, since, until, limit: int) -> list[Message]:
+    """The newest `limit` messages of `qs` received between since and until (inclusive), read slice by slice
+    from the newest: PostgreSQL cannot tell how many a substring of the sender matches, and for a window of
+    a busy gateway's whole mail it reads and sorts all of it rather than walk back until it has enough (2 s
+    at ten million messages). A slice is a range of the received_at index; a search that matches often
+    ends in the first."""
+    rows: list[Message] = []
+    end, span, first = until, FIRST_SLICE, True
+    while end > since and len(rows) < limit:
+        start = max(since, end - span)
+        part = qs.filter(received_at__gte=start, **({"received_at__lte": end} if first else {"received_at__lt": end}))
+        rows += part.order_by("-received_at", "-pk")[:limit - len(rows)]
+        end, span, first = start, span * SLICE_GROWTH, False
+    return rows
+
+
 @login_required
 def search(request: HttpRequest) -> HttpResponse:
     form = WhereForm(request.GET or None)
@@ -228,15 +267,17 @@ def search(request: HttpRequest) -> HttpResponse:
                 qs = qs.filter(Exists(Recipient.objects.filter(message=OuterRef("pk"), address__icontains=recipient)))
             return qs
 
-        # A user's mail newest first from their own indexes (see newest_visible_parts), anyone else's in one query.
+        # A user's mail newest first from their own indexes (see newest_visible_parts).
         parts = Message.objects.newest_visible_parts(request.user)
-        if parts is None:
-            parts = [Message.objects.visible_to(request.user).filter(received_at__gte=since, received_at__lte=until)
-                     .annotate(_sort=F("received_at"))]
+        if parts is not None:
+            rows = keyset_rows([searched(part.filter(_sort__gte=since, _sort__lte=until)) for part in parts],
+                               descending=True, beyond=None, limit=MAX_RESULTS + 1)
         else:
-            parts = [part.filter(_sort__gte=since, _sort__lte=until) for part in parts]
-        rows = keyset_rows([searched(part) for part in parts], descending=True, beyond=None, limit=MAX_RESULTS + 1)
-        results = [(m, answers(m, request.user)) for m in rows[:MAX_RESULTS]]
+            rows = _newest_first(searched(Message.objects.visible_to(request.user)), since, until, MAX_RESULTS + 1)
+        rows = rows[:MAX_RESULTS + 1]
+        prefetch_related_objects(rows[:MAX_RESULTS], "recipients")
+        asker = Asker.of(request.user)
+        results = [(m, answers(m, asker)) for m in rows[:MAX_RESULTS]]
         more = len(rows) > MAX_RESULTS
     else:
         more = False
@@ -249,4 +290,5 @@ def search(request: HttpRequest) -> HttpResponse:
 @login_required
 def detail(request: HttpRequest, queue_id: str) -> HttpResponse:
     message = message_for(request.user, queue_id)
-    return render(request, "reports/where_detail.html", {"message": message, "answers": answers(message, request.user)})
+    return render(request, "reports/where_detail.html", {"message": message,
+                                                        "answers": answers(message, Asker.of(request.user))})

@@ -206,3 +206,18 @@ def test_recipients_carry_their_messages_received_at(personas):
 
     import_module("gateway.migrations.0011_recipient_received_at").fill(None, SimpleNamespace(connection=connection))
     assert set(message.recipients.values_list("received_at", flat=True)) == {message.received_at}
+
+
+@pytest.mark.django_db
+def test_where_reads_an_administrators_window_slice_by_slice_and_misses_nothing(personas):
+    """The newest first across slices of the window: one match a minute old, others hours and a day back,
+    mail that does not match in between, and one just outside the window."""
+    hours = [0.02, 0.6, 3, 7, 20, 40]
+    for h in hours:
+        make_message(f"friend{int(h * 100)}@match.test", ["bob@example.com"], ago=timedelta(hours=h))
+        make_message("other@elsewhere.test", ["bob@example.com"], ago=timedelta(hours=h, minutes=1))
+    make_message("late@match.test", ["bob@example.com"], ago=timedelta(hours=49))
+    client = Client()
+    client.force_login(personas.admin)
+    found = [m.envelope_sender for m, _ in client.get("/where/", {"sender": "match.test"}).context["results"]]
+    assert found == [f"friend{int(h * 100)}@match.test" for h in hours]
