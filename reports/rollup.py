@@ -132,6 +132,15 @@ SELECT id, received_at, direction, state, verdict, quarantined, size, refusal_re
        CASE WHEN jsonb_typeof(virus_names) = 'array' THEN virus_names ELSE '[]'::jsonb END AS virus_names
 FROM gateway_message WHERE received_at >= %(start)s AND received_at < %(end)s
 """
+# Every recipient of the day's messages, read from the log once: the scopes, the recipient reports and the
+# addresses all need them, and at ten million messages each read of the recipient table costs seconds. The
+# id range lets PostgreSQL read a day's ids from the index, which are one range when ids follow the time.
+_SQL_DAY_ALL_RECIPIENTS = """
+CREATE TEMP TABLE rollup_rr ON COMMIT DROP AS
+SELECT r.message_id, lower(r.address) AS address, lower(r.domain) AS domain
+FROM gateway_recipient r JOIN rollup_m m ON m.id = r.message_id
+WHERE r.message_id BETWEEN (SELECT min(id) FROM rollup_m) AND (SELECT max(id) FROM rollup_m)
+"""
 # The scopes of a message: all mail, plus each protected domain it comes from or goes to.
 _SQL_DAY_SCOPES = """
 CREATE TEMP TABLE rollup_s ON COMMIT DROP AS
@@ -139,14 +148,13 @@ SELECT id AS message_id, %(all)s::varchar AS scope FROM rollup_m
 UNION
 SELECT m.id, d.name FROM rollup_m m JOIN gateway_domain d ON d.name = m.sender_domain
 UNION
-SELECT r.message_id, d.name FROM gateway_recipient r JOIN rollup_m m ON m.id = r.message_id
-JOIN gateway_domain d ON d.name = lower(r.domain)
+SELECT r.message_id, d.name FROM rollup_rr r JOIN gateway_domain d ON d.name = r.domain
 """
-# The recipients of the day's accepted messages, read once for both recipient reports.
+# The recipients of the day's accepted messages, for both recipient reports.
 _SQL_DAY_RECIPIENTS = """
 CREATE TEMP TABLE rollup_r ON COMMIT DROP AS
-SELECT r.message_id, left(lower(r.address), 320) AS address, left(lower(r.domain), 320) AS domain, m.size
-FROM gateway_recipient r JOIN rollup_m m ON m.id = r.message_id WHERE m.state <> 'refused'
+SELECT r.message_id, left(r.address, 320) AS address, left(r.domain, 320) AS domain, m.size
+FROM rollup_rr r JOIN rollup_m m ON m.id = r.message_id WHERE m.state <> 'refused'
 """
 # The counters of a group of rollup_m rows m, in TrafficStat.COUNTERS order.
 _SQL_COUNTERS = """
@@ -182,8 +190,8 @@ SELECT m.id AS message_id, left(m.sender, 320) AS address FROM rollup_m m
 JOIN gateway_domain d ON d.name = m.sender_domain
 WHERE position('@' IN m.sender) > 0 AND m.refusal_reason IS DISTINCT FROM 'unknown_user'
 UNION
-SELECT r.message_id, left(lower(r.address), 320) FROM gateway_recipient r JOIN rollup_m m ON m.id = r.message_id
-JOIN gateway_domain d ON d.name = lower(r.domain)
+SELECT r.message_id, left(r.address, 320) FROM rollup_rr r JOIN rollup_m m ON m.id = r.message_id
+JOIN gateway_domain d ON d.name = r.domain
 WHERE m.refusal_reason IS DISTINCT FROM 'unknown_user'
 """
 _SQL_ADDRESS_STATS = f"""
@@ -265,10 +273,12 @@ def _rebuild_day_sql(day: date, start: datetime, end: datetime) -> None:
         # PostgreSQL would spend more compiling the queries (JIT) than running them.
         cursor.execute("SET LOCAL jit = off")
         cursor.execute("SET LOCAL work_mem = '64MB'")  # hash the groupings in memory rather than sort them
-        cursor.execute("DROP TABLE IF EXISTS rollup_m, rollup_s, rollup_r, rollup_a")
+        cursor.execute("DROP TABLE IF EXISTS rollup_m, rollup_rr, rollup_s, rollup_r, rollup_a")
         cursor.execute(_SQL_DAY_MESSAGES, params)
         # Statistics of the join keys only: analysing the JSON columns would cost more than the joins.
         cursor.execute("ANALYZE rollup_m (id, state)")
+        cursor.execute(_SQL_DAY_ALL_RECIPIENTS, params)
+        cursor.execute("ANALYZE rollup_rr (message_id, domain)")
         cursor.execute(_SQL_DAY_SCOPES, params)
         cursor.execute("ANALYZE rollup_s")
         cursor.execute(_SQL_DAY_RECIPIENTS, params)
@@ -281,7 +291,7 @@ def _rebuild_day_sql(day: date, start: datetime, end: datetime) -> None:
         cursor.execute("ANALYZE rollup_a")
         cursor.execute(_SQL_ADDRESS_STATS, params)
         cursor.execute(_SQL_ADDRESS_SCORES, params)
-        cursor.execute("DROP TABLE rollup_m, rollup_s, rollup_r, rollup_a")
+        cursor.execute("DROP TABLE rollup_m, rollup_rr, rollup_s, rollup_r, rollup_a")
 
 
 # --- Any database (the reference implementation) -------------------------------------------------------------
