@@ -411,7 +411,8 @@ def keyset_rows(parts: list[models.QuerySet], *, descending: bool, beyond: tuple
             found.setdefault(row.pk, row)
     rows = list(found.values())
     if len(parts) > 1:
-        rows.sort(key=lambda row: (row._sort, row.pk), reverse=descending)
+        # A recipient row written without its time (by a process older than the column) sorts by its message's.
+        rows.sort(key=lambda row: (row._sort or row.received_at, row.pk), reverse=descending)
     return rows[:limit]
 
 

@@ -15,14 +15,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from django.db.models import Sum
-from django.db.models.functions import TruncDate, TruncHour
+from django.db.models import Count, Q, Sum, Value
+from django.db.models.functions import Coalesce, Left, Lower, NullIf, TruncDate, TruncHour
 from django.utils import timezone
 
 from gateway.models import Message
 
 from .models import AddressStat, DailyTop, RuleDescription, TrafficStat
-from .rollup import SCORE_MAX, SCORE_MIN, Accumulator, day_bounds, iter_with_recipients
+from .rollup import REFUSAL_COLUMNS, SCORE_MAX, SCORE_MIN, Accumulator, day_bounds, iter_with_recipients
 from .scope import Viewer
 
 REFUSED = Message.State.REFUSED
@@ -82,20 +82,44 @@ def _live(viewer: Viewer, start: datetime, end: datetime, *, details: bool = Fal
     return live.acc
 
 
+# What a user with per-address rows has added up by PostgreSQL over their mail of a window, in the roll-up's
+# arithmetic (reports.rollup.Accumulator; tests/reports/test_user_rollups_and_paging.py compares the two):
+# the counters per hour, and the tops whose key is a column of the message.
+ACCEPTED = ~Q(state=REFUSED)
+_SQL_COUNTERS = {
+    "messages": Count("id", filter=ACCEPTED),
+    **{verdict: Count("id", filter=ACCEPTED & Q(verdict=verdict)) for verdict in VERDICT_COUNTERS},
+    "quarantined": Count("id", filter=ACCEPTED & Q(quarantined=True)),
+    "volume": Coalesce(Sum("size", filter=ACCEPTED), 0),
+    "refused": Count("id", filter=Q(state=REFUSED)),
+    **{column: Count("id", filter=Q(state=REFUSED, refusal_reason=reason))
+       for reason, column in REFUSAL_COLUMNS.items()},
+}
+SQL_KINDS = {
+    "sender": (Coalesce(NullIf(Left(Lower("envelope_sender"), 320), Value("")), Value("<>")), ACCEPTED),
+    "sender_domain": (Coalesce(NullIf(Left(Lower("sender_domain"), 320), Value("")), Value("<>")), ACCEPTED),
+    "refusal": (Coalesce(NullIf("refusal_reason", Value("")), Value("other")), Q(state=REFUSED)),
+}
+
+
+def _sql_traffic(viewer: Viewer, start: datetime, end: datetime) -> dict[datetime, dict]:
+    rows = (viewer.messages(received=(start, end)).annotate(t=TruncHour("received_at", tzinfo=UTC)).order_by()
+            .values("t").annotate(**_SQL_COUNTERS))
+    return {row.pop("t"): row for row in rows}
+
+
+def _sql_top(viewer: Viewer, kind: str, start: datetime, end: datetime) -> list[dict]:
+    key, which = SQL_KINDS[kind]
+    rows = (viewer.messages(received=(start, end)).filter(which).annotate(key=key).order_by().values("key")
+            .annotate(count=Count("id"), volume=Coalesce(Sum("size"), 0)))
+    return [{**row, "score_sum": 0.0} for row in rows]
+
+
 def warm(viewer: Viewer, period: Period, *, details: bool = False) -> None:
     """Read the messages of a user without roll-up rows for the whole period once: the page's other numbers
     are parts of it. Users with rows have their messages read only for what the rows do not hold."""
     if not viewer.uses_rollups and not viewer.uses_address_rollups:
         _live(viewer, *period.bounds, details=details)
-
-
-def warm_recent(viewer: Viewer, hours: int = 24, now: datetime | None = None) -> None:
-    """For a user with roll-up rows, read their messages of the last `hours` hours and of today once: the
-    dashboard's hours, today's refusals and top senders are parts of it."""
-    if viewer.uses_address_rollups:
-        first, end = _recent_hours(hours, now)
-        today_start, today_end = Period.last_days(1).bounds
-        _live(viewer, min(first, today_start), max(end, today_end))
 
 
 def _recent_hours(hours: int, now: datetime | None) -> tuple[datetime, datetime]:
@@ -121,6 +145,14 @@ def _traffic(viewer: Viewer, start: datetime, end: datetime, trunc) -> dict:
               .annotate(t=trunc("hour")).values("t").annotate(**_rollup_counters()).order_by())
         return {row.pop("t"): row for row in qs}
     found: dict = {}
+    if viewer.uses_address_rollups:
+        # Hours the per-day rows do not hold: added up by PostgreSQL over the user's mail of the window.
+        for hour, counters in _sql_traffic(viewer, start, end).items():
+            local = timezone.localtime(hour)
+            row = found.setdefault(local.date() if trunc is TruncDate else local, _empty())
+            for name in COUNTERS:
+                row[name] += counters[name]
+        return found
     for (hour, _, _), counters in _live(viewer, start, end).traffic.items():
         if start <= hour < end:
             local = timezone.localtime(hour)
@@ -216,6 +248,8 @@ def top(viewer: Viewer, kind: str, period: Period, *, order: str = "count", limi
 
 
 def _raw_top(viewer: Viewer, kind: str, period: Period) -> list[dict]:
+    if viewer.uses_address_rollups and kind in SQL_KINDS:
+        return _sql_top(viewer, kind, *period.bounds)
     sums: dict[str, list] = defaultdict(lambda: [0, 0, 0.0])
     live = _live(viewer, *period.bounds, details=kind in DETAIL_KINDS)
     for (day, _, top_kind, key), (count, volume, score_sum) in live.tops.items():

@@ -65,7 +65,6 @@ def dashboard(request):
     today = stats.Period.last_days(1)
     month = stats.Period.last_days(30)
     stats.warm(viewer, month)
-    stats.warm_recent(viewer, 24)
     hourly = stats.traffic_by_hour(viewer, 24)
     daily = stats.traffic_by_day(viewer, month)
     scores = stats.score_distribution(viewer, month)

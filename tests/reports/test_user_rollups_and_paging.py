@@ -58,6 +58,7 @@ def test_a_users_numbers_from_the_address_rows_are_those_of_their_own_log(person
     assert stats.totals(stats.traffic_by_day(rolled, period))["messages"] == 12
     assert stats.today_totals(rolled) == stats.today_totals(raw)
     assert stats.traffic_by_hour(rolled) == stats.traffic_by_hour(raw)
+    assert stats.traffic_by_hour_of_day(rolled, period) == stats.traffic_by_hour_of_day(raw, period)
     assert stats.score_distribution(rolled, period) == stats.score_distribution(raw, period)
     for kind in KINDS:
         for order in ("count", "volume"):
