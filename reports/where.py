@@ -274,7 +274,6 @@ def search(request: HttpRequest) -> HttpResponse:
                                descending=True, beyond=None, limit=MAX_RESULTS + 1)
         else:
             rows = _newest_first(searched(Message.objects.visible_to(request.user)), since, until, MAX_RESULTS + 1)
-        rows = rows[:MAX_RESULTS + 1]
         prefetch_related_objects(rows[:MAX_RESULTS], "recipients")
         asker = Asker.of(request.user)
         results = [(m, answers(m, asker)) for m in rows[:MAX_RESULTS]]
